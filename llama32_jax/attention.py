@@ -1,0 +1,63 @@
+"""Pure reference attention (the ``"xla"`` implementation) and its masks.
+
+Grouped-query attention is computed by reshaping the query heads into ``[K, G]`` groups, so the key/value heads
+are never repeated in memory (the cache holds ``K`` heads). Scores, masking and softmax are in fp32. Masked
+scores get the most negative finite fp32 value instead of ``-inf``: a row with nothing visible then softmaxes to
+a uniform (finite) distribution rather than NaN; callers never read such rows (they are padding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+
+
+def causal_mask(q_slots: jax.Array, k_slots: jax.Array, start: jax.Array) -> jax.Array:
+    """Which keys each query may see: ``[B, T, S]`` bool.
+
+    Args:
+      q_slots: ``[T]`` int, the cache slot of each query token (its absolute index in the sequence buffer).
+      k_slots: ``[S]`` int, the slot of each key.
+      start: ``[B]`` int, the first valid slot of each sequence (left padding before it is invisible).
+
+    A key is visible when it is not padding (``k >= start``) and not in the future (``k <= q``).
+    """
+    not_future = k_slots[None, :] <= q_slots[:, None]  # [T, S]
+    not_padding = k_slots[None, :] >= start[:, None]  # [B, S]
+    return not_future[None, :, :] & not_padding[:, None, :]
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Softmax attention with grouped-query heads.
+
+    Args:
+      q: ``[B, T, N, H]`` queries.
+      k, v: ``[B, S, K, H]`` keys and values, ``N % K == 0``.
+      mask: ``[B, T, S]`` bool (True = visible) or None (everything visible).
+      scale: score scale, default ``H ** -0.5``.
+
+    Returns:
+      ``[B, T, N, H]`` in ``q.dtype``. Query head ``n`` uses kv head ``n // (N / K)`` (Meta's ``repeat_kv``).
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    if n % kv_heads:
+        raise ValueError(f"query heads ({n}) must be a multiple of kv heads ({kv_heads})")
+    g = n // kv_heads
+    scale = h**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, kv_heads, g, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)  # [B, T, N, H]

@@ -1,0 +1,119 @@
+"""Key tables: source checkpoint names -> our parameter paths, with the transform each tensor needs.
+
+These are data. A rule's ``source`` may contain ``{i}`` (a layer index); its ``target`` is our path in the
+per-layer layout, with ``"{i}"`` in the same place. ``transform`` names an entry of :data:`TRANSFORMS`, a pure
+function ``(array, TextConfig) -> array`` that turns torch's ``(out, in)`` Linear weights into our einsum kernels
+(and for Meta's ``wq``/``wk`` also permutes RoPE rows from interleaved to half-split, SPEC.md §2.3). Each
+transform has an inverse in :data:`INVERSE_TRANSFORMS`, used to export back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from llama32_jax.configs import TextConfig
+from llama32_jax.rope import half_split_to_interleaved, interleaved_to_half_split
+
+Array = np.ndarray
+
+
+@dataclass(frozen=True)
+class Rule:
+    source: str
+    target: tuple[str, ...]
+    transform: str
+    only_if: str | None = None  # "untied": the rule exists only when the head is not tied
+
+
+# Shapes below: D dim, N heads, K kv heads, H head dim, F ffn, V vocab (dims.py).
+TRANSFORMS: dict[str, Callable[[Array, TextConfig], Array]] = {
+    "identity": lambda w, c: w,
+    # (N*H, D) -> (D, N, H)
+    "q": lambda w, c: w.T.reshape(c.dim, c.n_heads, c.head_dim),
+    # (K*H, D) -> (D, K, H)
+    "kv": lambda w, c: w.T.reshape(c.dim, c.n_kv_heads, c.head_dim),
+    # Meta: RoPE rows interleaved -> half-split, then as above
+    "meta_q": lambda w, c: interleaved_to_half_split(w, c.n_heads).T.reshape(c.dim, c.n_heads, c.head_dim),
+    "meta_k": lambda w, c: interleaved_to_half_split(w, c.n_kv_heads).T.reshape(c.dim, c.n_kv_heads, c.head_dim),
+    # (D, N*H) -> (N, H, D)
+    "o": lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.dim),
+    # (out, in) -> (in, out)
+    "transpose": lambda w, c: w.T,
+}
+
+INVERSE_TRANSFORMS: dict[str, Callable[[Array, TextConfig], Array]] = {
+    "identity": lambda w, c: w,
+    "q": lambda w, c: w.reshape(c.dim, c.n_heads * c.head_dim).T,
+    "kv": lambda w, c: w.reshape(c.dim, c.n_kv_heads * c.head_dim).T,
+    "meta_q": lambda w, c: half_split_to_interleaved(w.reshape(c.dim, c.n_heads * c.head_dim).T, c.n_heads),
+    "meta_k": lambda w, c: half_split_to_interleaved(w.reshape(c.dim, c.n_kv_heads * c.head_dim).T, c.n_kv_heads),
+    "o": lambda w, c: w.reshape(c.n_heads * c.head_dim, c.dim).T,
+    "transpose": lambda w, c: w.T,
+}
+
+_LAYER = ("layers", "{i}")
+
+HF_TEXT: tuple[Rule, ...] = (
+    Rule("model.embed_tokens.weight", ("embed", "embedding"), "identity"),
+    Rule("model.layers.{i}.input_layernorm.weight", (*_LAYER, "attention_norm", "weight"), "identity"),
+    Rule("model.layers.{i}.self_attn.q_proj.weight", (*_LAYER, "attention", "wq", "kernel"), "q"),
+    Rule("model.layers.{i}.self_attn.k_proj.weight", (*_LAYER, "attention", "wk", "kernel"), "kv"),
+    Rule("model.layers.{i}.self_attn.v_proj.weight", (*_LAYER, "attention", "wv", "kernel"), "kv"),
+    Rule("model.layers.{i}.self_attn.o_proj.weight", (*_LAYER, "attention", "wo", "kernel"), "o"),
+    Rule("model.layers.{i}.post_attention_layernorm.weight", (*_LAYER, "ffn_norm", "weight"), "identity"),
+    Rule("model.layers.{i}.mlp.gate_proj.weight", (*_LAYER, "feed_forward", "w1", "kernel"), "transpose"),
+    Rule("model.layers.{i}.mlp.up_proj.weight", (*_LAYER, "feed_forward", "w3", "kernel"), "transpose"),
+    Rule("model.layers.{i}.mlp.down_proj.weight", (*_LAYER, "feed_forward", "w2", "kernel"), "transpose"),
+    Rule("model.norm.weight", ("norm", "weight"), "identity"),
+    Rule("lm_head.weight", ("lm_head",), "transpose", only_if="untied"),
+)
+
+META_TEXT: tuple[Rule, ...] = (
+    Rule("tok_embeddings.weight", ("embed", "embedding"), "identity"),
+    Rule("layers.{i}.attention_norm.weight", (*_LAYER, "attention_norm", "weight"), "identity"),
+    Rule("layers.{i}.attention.wq.weight", (*_LAYER, "attention", "wq", "kernel"), "meta_q"),
+    Rule("layers.{i}.attention.wk.weight", (*_LAYER, "attention", "wk", "kernel"), "meta_k"),
+    Rule("layers.{i}.attention.wv.weight", (*_LAYER, "attention", "wv", "kernel"), "kv"),
+    Rule("layers.{i}.attention.wo.weight", (*_LAYER, "attention", "wo", "kernel"), "o"),
+    Rule("layers.{i}.ffn_norm.weight", (*_LAYER, "ffn_norm", "weight"), "identity"),
+    Rule("layers.{i}.feed_forward.w1.weight", (*_LAYER, "feed_forward", "w1", "kernel"), "transpose"),
+    Rule("layers.{i}.feed_forward.w3.weight", (*_LAYER, "feed_forward", "w3", "kernel"), "transpose"),
+    Rule("layers.{i}.feed_forward.w2.weight", (*_LAYER, "feed_forward", "w2", "kernel"), "transpose"),
+    Rule("norm.weight", ("norm", "weight"), "identity"),
+    Rule("output.weight", ("lm_head",), "transpose", only_if="untied"),
+)
+
+# Source keys that carry no parameter of ours (derivable buffers), dropped on purpose.
+IGNORED = {"meta": ("rope.freqs",), "hf": ()}
+# The output-layer key of each format; when the config ties the head it must equal the embedding.
+TIED_HEAD_KEY = {"meta": "output.weight", "hf": "lm_head.weight"}
+EMBED_KEY = {"meta": "tok_embeddings.weight", "hf": "model.embed_tokens.weight"}
+TABLES = {"meta": META_TEXT, "hf": HF_TEXT}
+
+
+def _compile(rule: Rule) -> re.Pattern:
+    return re.compile("^" + re.escape(rule.source).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+
+
+_COMPILED = {fmt: [(_compile(r), r) for r in table] for fmt, table in TABLES.items()}
+
+
+def match(fmt: str, key: str) -> tuple[Rule, int | None] | None:
+    """The rule for a source key and its layer index, or None if no rule names it."""
+    for pattern, rule in _COMPILED[fmt]:
+        m = pattern.match(key)
+        if m:
+            return rule, (int(m.group("i")) if "i" in m.groupdict() else None)
+    return None
+
+
+def target_path(rule: Rule, layer: int | None) -> tuple:
+    return tuple(layer if part == "{i}" else part for part in rule.target)
+
+
+def source_key(rule: Rule, layer: int | None) -> str:
+    return rule.source.replace("{i}", str(layer)) if layer is not None else rule.source

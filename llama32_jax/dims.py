@@ -1,0 +1,44 @@
+"""The dimension-letter table used in every einsum string, and the logical axis names.
+
+Einsum strings in this package spell shapes with these letters, so that ``"btd,dnh->btnh"`` reads as
+"activations [batch, query length, model width] times Wq [model width, query heads, head dim]".
+
+==========  =================================================================
+letter      meaning
+==========  =================================================================
+B           batch
+T           query length (tokens processed in this call)
+S           key length (cache slots, or T when there is no cache)
+D           model width (``dim`` / ``hidden_size``)
+N           query heads
+K           key/value heads
+G           query heads per key/value head (N / K, grouped-query attention)
+H           head dim
+F           FFN width (``intermediate_size``)
+V           vocabulary
+L           layers (stacked-parameter axis)
+I           images per sample (vision)
+R           tiles per image (vision)
+P           tokens per tile (vision: 1601 = 40 x 40 patches + CLS)
+W           vision width (1280)
+==========  =================================================================
+
+Logical axis names are attached to every parameter (``nnx.Param(..., axes=(...))``) and to the caches; a
+sharding plan maps them onto mesh axes (see ``llama32_jax.sharding``).
+"""
+
+# Parameter axes.
+LAYERS = "layers"
+VOCAB = "vocab"
+EMBED = "embed"
+Q_HEADS = "q_heads"
+KV_HEADS = "kv_heads"
+HEAD_DIM = "head_dim"
+MLP = "mlp"
+
+# Activation / cache axes.
+BATCH = "batch"
+SEQ = "seq"
+CACHE_SEQ = "cache_seq"
+
+PARAM_AXES = (LAYERS, VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP)

@@ -1,0 +1,28 @@
+"""Typed errors raised by llama32_jax.
+
+Every public entry point validates its inputs and raises one of these with a message that names the bad input
+and says what would be valid. They subclass the matching built-in exception (``ValueError``, ``FileNotFoundError``
+...) so callers that already catch those keep working.
+"""
+
+from __future__ import annotations
+
+
+class LlamaJaxError(Exception):
+    """Base class of every error raised deliberately by llama32_jax."""
+
+
+class ConfigError(LlamaJaxError, ValueError):
+    """A model configuration (ours, Meta ``params.json`` or HF ``config.json``) is invalid or unsupported."""
+
+
+class UnsupportedConfigError(ConfigError):
+    """A configuration asks for a feature this implementation does not honour (e.g. quantization args)."""
+
+
+class InvalidInputError(LlamaJaxError, ValueError):
+    """An argument to a model call (tokens, cache, lengths, sampling values, ...) is invalid."""
+
+
+class CheckpointError(LlamaJaxError, ValueError):
+    """A checkpoint is malformed: missing/unused keys, shape or dtype mismatches, unreadable files."""

@@ -1,0 +1,104 @@
+"""Thin Flax NNX modules that own parameters and their logical axes; the math lives in pure functions.
+
+Every parameter is an ``nnx.Param`` carrying ``axes=(...)``: one logical axis name per dimension (names in
+:mod:`llama32_jax.dims`). A sharding plan maps those names onto mesh axes. Modules built with ``stack=L`` hold
+``L`` layers' parameters in one array with a leading ``layers`` axis (the scanned layout).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama32_jax import dims
+
+# Standard deviation of the random initialisation (HF ``initializer_range``); real weights replace it.
+INIT_STD = 0.02
+
+
+def make_param(
+    rngs: nnx.Rngs,
+    shape: Sequence[int],
+    axes: Sequence[str],
+    dtype: jnp.dtype,
+    *,
+    stack: int | None = None,
+    init: str = "normal",
+) -> nnx.Param:
+    """A parameter of ``shape`` (prefixed by ``[stack]`` and the ``layers`` axis when stacked).
+
+    ``init`` is ``"normal"`` (std :data:`INIT_STD`), ``"ones"`` or ``"zeros"``.
+    """
+    if len(shape) != len(axes):
+        raise ValueError(f"shape {tuple(shape)} and axes {tuple(axes)} differ in rank")
+    if stack is not None:
+        shape, axes = (stack, *shape), (dims.LAYERS, *axes)
+    shape = tuple(int(s) for s in shape)
+    if init == "normal":
+        value = INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    elif init == "ones":
+        value = jnp.ones(shape, jnp.float32)
+    elif init == "zeros":
+        value = jnp.zeros(shape, jnp.float32)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value.astype(dtype), axes=tuple(axes))
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Llama RMSNorm: normalise in fp32, cast back to ``x.dtype``, then scale by ``weight`` (SPEC.md §3)."""
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis; weight ``[D]`` (initialised to ones)."""
+
+    def __init__(
+        self, dim: int, eps: float, *, axis_name: str = dims.EMBED, dtype=jnp.float32, stack=None, rngs: nnx.Rngs
+    ):
+        self.eps = eps
+        self.weight = make_param(rngs, (dim,), (axis_name,), dtype, stack=stack, init="ones")
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``[V, D]``; ``attend`` is the tied output head (``[B, T, D] -> [B, T, V]`` fp32)."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.embedding = make_param(rngs, (vocab, dim), (dims.VOCAB, dims.EMBED), dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum("btd,vd->btv", x, self.embedding[...], preferred_element_type=jnp.float32)
+
+
+class Einsum(nnx.Module):
+    """A bias-free projection ``einsum(spec, x, kernel)``; the kernel's shape and axes are spelled out.
+
+    Example: ``Einsum("btd,dnh->btnh", (D, N, H), (EMBED, Q_HEADS, HEAD_DIM), ...)`` is Wq.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        shape: Sequence[int],
+        axes: Sequence[str],
+        *,
+        dtype=jnp.float32,
+        stack: int | None = None,
+        rngs: nnx.Rngs,
+    ):
+        self.spec = spec
+        self.kernel = make_param(rngs, shape, axes, dtype, stack=stack)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jnp.einsum(self.spec, x, self.kernel[...])

@@ -1,0 +1,119 @@
+"""Building models: random init, abstract (shape-only) models, and loading a parameter tree strictly."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama32_jax.cache import KVCache
+from llama32_jax.configs import ModelConfig
+from llama32_jax.errors import CheckpointError, InvalidInputError
+from llama32_jax.text import Transformer, check_cache, stack_layers, unstack_layers
+
+
+def model_class(config: ModelConfig) -> type[nnx.Module]:
+    if config.is_vision:
+        raise NotImplementedError("the vision model arrives with the vision issue; use a text config")
+    return Transformer
+
+
+def init_model(config: ModelConfig, *, param_dtype=jnp.bfloat16, seed: int = 0) -> nnx.Module:
+    """A randomly initialised model (weights ~ N(0, 0.02), norms = 1)."""
+    return model_class(config)(config, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(config: ModelConfig, *, param_dtype=jnp.bfloat16) -> nnx.Module:
+    """The model with ``jax.ShapeDtypeStruct`` leaves: shapes, dtypes and axes, no memory allocated."""
+    cls = model_class(config)
+    return nnx.eval_shape(lambda: cls(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+
+
+def param_count(model: nnx.Module) -> int:
+    """Number of parameters (works on abstract models)."""
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, (*prefix, key)))
+        else:
+            out[(*prefix, key)] = value
+    return out
+
+
+def _path_str(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def load_params(config: ModelConfig, params: Mapping, *, param_dtype=jnp.bfloat16, layout: str = "auto") -> nnx.Module:
+    """Build a model from a nested parameter tree (our names), strictly.
+
+    ``params`` may be in the per-layer or the stacked layout (``layout="auto"`` detects it); it is converted to
+    the layout ``config.scan_layers`` asks for. Every model parameter must be present with the right shape and no
+    extra entry may remain, else :class:`~llama32_jax.errors.CheckpointError` names the path.
+    """
+    layers = params.get("layers", {})
+    is_per_layer = bool(layers) and all(isinstance(k, int) for k in layers)
+    if layout == "auto":
+        layout = "per_layer" if is_per_layer else "stacked"
+    if config.scan_layers and layout == "per_layer":
+        params = stack_layers(dict(params))
+    elif not config.scan_layers and layout == "stacked":
+        params = unstack_layers(dict(params))
+
+    abstract = abstract_model(config, param_dtype=param_dtype)
+    graphdef, state = nnx.split(abstract)
+    target = _flatten(nnx.to_pure_dict(state))
+    given = _flatten(params)
+    missing = sorted(_path_str(p) for p in target.keys() - given.keys())
+    unused = sorted(_path_str(p) for p in given.keys() - target.keys())
+    if missing:
+        raise CheckpointError(
+            f"parameters missing for {config.name}: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
+    if unused:
+        raise CheckpointError(
+            f"unexpected parameters for {config.name}: {unused[:8]}{' ...' if len(unused) > 8 else ''}"
+        )
+    values = {}
+    for path, spec in target.items():
+        value = given[path]
+        if tuple(np.shape(value)) != tuple(spec.shape):
+            raise CheckpointError(
+                f"parameter {_path_str(path)}: shape {tuple(np.shape(value))} does not match the model's {spec.shape}"
+            )
+        values[path] = jnp.asarray(value, dtype=spec.dtype)
+    nested: dict = {}
+    for path, value in values.items():
+        node = nested
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    nnx.replace_by_pure_dict(state, nested)
+    return nnx.merge(graphdef, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, state, tokens, cache):
+    return nnx.merge(graphdef, state)(tokens, cache)
+
+
+def forward(model: nnx.Module, tokens: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+    """Jitted ``model(tokens, cache)``: compiled once per (model structure, shapes), validated before tracing."""
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise InvalidInputError(
+            f"tokens must be an integer array [batch, length], got {tokens.dtype}{list(tokens.shape)}"
+        )
+    if cache is not None:
+        check_cache(cache, model.config, tokens.shape[0], tokens.shape[1])
+    graphdef, state = nnx.split(model)
+    return _forward(graphdef, state, tokens, cache)

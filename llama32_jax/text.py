@@ -1,0 +1,198 @@
+"""The Llama 3.2 text decoder: self-attention blocks (GQA, llama3 RoPE, SwiGLU) and the causal-LM head.
+
+Layers run either as a ``lax.scan`` over one stacked copy of the block parameters (``config.scan_layers=True``;
+compile time flat in depth) or as a Python-unrolled loop over per-layer parameters (``False``; the fastest decode
+on XLA:CPU). :func:`stack_layers` / :func:`unstack_layers` convert a parameter tree between the two layouts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama32_jax import dims
+from llama32_jax.attention import attention, causal_mask
+from llama32_jax.cache import KVCache
+from llama32_jax.configs import ModelConfig, TextConfig
+from llama32_jax.errors import InvalidInputError
+from llama32_jax.layers import Einsum, Embed, RMSNorm, make_param
+from llama32_jax.rope import apply_rope, inv_frequencies, rope_angles
+
+LayerKV = tuple[jax.Array, jax.Array]
+
+
+class SelfAttention(nnx.Module):
+    """GQA self-attention: Wq ``[D, N, H]``, Wk/Wv ``[D, K, H]``, Wo ``[N, H, D]``; no biases."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, stack: int | None, rngs: nnx.Rngs):
+        d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kw = dict(dtype=dtype, stack=stack, rngs=rngs)
+        self.wq = Einsum("btd,dnh->btnh", (d, n, h), (dims.EMBED, dims.Q_HEADS, dims.HEAD_DIM), **kw)
+        self.wk = Einsum("btd,dkh->btkh", (d, k, h), (dims.EMBED, dims.KV_HEADS, dims.HEAD_DIM), **kw)
+        self.wv = Einsum("btd,dkh->btkh", (d, k, h), (dims.EMBED, dims.KV_HEADS, dims.HEAD_DIM), **kw)
+        self.wo = Einsum("btnh,nhd->btd", (n, h, d), (dims.Q_HEADS, dims.HEAD_DIM, dims.EMBED), **kw)
+
+    def __call__(
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: LayerKV | None, index: jax.Array
+    ) -> tuple[jax.Array, LayerKV | None]:
+        q = apply_rope(self.wq(x), cos, sin)  # [B, T, N, H]
+        k = apply_rope(self.wk(x), cos, sin)  # [B, T, K, H]
+        v = self.wv(x)  # [B, T, K, H]
+        if kv is None:
+            keys, values, new_kv = k, v, None
+        else:
+            cache_k, cache_v = kv  # [B, S, K, H]
+            zero = jnp.zeros((), jnp.int32)
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (zero, index, zero, zero))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (zero, index, zero, zero))
+            keys, values, new_kv = cache_k, cache_v, (cache_k, cache_v)
+        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)  # [B, T, N, H]
+        return self.wo(out), new_kv
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``; w1 = HF gate_proj, w3 = up_proj, w2 = down_proj."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype, stack: int | None, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, stack=stack, rngs=rngs)
+        self.w1 = Einsum("btd,df->btf", (dim, hidden), (dims.EMBED, dims.MLP), **kw)
+        self.w3 = Einsum("btd,df->btf", (dim, hidden), (dims.EMBED, dims.MLP), **kw)
+        self.w2 = Einsum("btf,fd->btd", (hidden, dim), (dims.MLP, dims.EMBED), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
+
+
+class DecoderBlock(nnx.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + ffn(norm(h))``."""
+
+    def __init__(self, cfg: TextConfig, *, dtype, stack: int | None = None, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype, stack=stack, rngs=rngs)
+        self.attention = SelfAttention(cfg, dtype=dtype, stack=stack, rngs=rngs)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype, stack=stack, rngs=rngs)
+        self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, dtype=dtype, stack=stack, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, kv: LayerKV | None, index) -> tuple[jax.Array, LayerKV | None]:
+        attn_out, new_kv = self.attention(self.attention_norm(x), cos, sin, mask, kv, index)
+        h = x + attn_out
+        return h + self.feed_forward(self.ffn_norm(h)), new_kv
+
+
+class Transformer(nnx.Module):
+    """The Llama 3.2 causal language model (1B / 3B, Llama Guard 3 1B, and any HF ``llama`` config).
+
+    ``model(tokens)`` returns fp32 logits ``[B, T, V]``; ``model(tokens, cache)`` also writes the tokens' keys and
+    values at ``cache.index`` (prefill of ``T`` tokens, or ``T = 1`` decode) and returns the advanced cache.
+    """
+
+    def __init__(self, config: ModelConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        if config.is_vision:
+            raise InvalidInputError(f"{config.name} is a vision model; Transformer is the text-only model")
+        t = config.text
+        self.config = config
+        self.embed = Embed(t.vocab_size, t.dim, dtype=param_dtype, rngs=rngs)
+        if config.scan_layers:
+            self.layers = DecoderBlock(t, dtype=param_dtype, stack=t.n_layers, rngs=rngs)
+        else:
+            self.layers = nnx.List([DecoderBlock(t, dtype=param_dtype, rngs=rngs) for _ in range(t.n_layers)])
+        self.norm = RMSNorm(t.dim, t.norm_eps, dtype=param_dtype, rngs=rngs)
+        if not t.tie_embeddings:
+            self.lm_head = make_param(rngs, (t.dim, t.vocab_size), (dims.EMBED, dims.VOCAB), param_dtype)
+
+    def __call__(self, tokens: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+        """Args: ``tokens [B, T]`` int. Returns ``(logits [B, T, V] fp32, new cache or None)``."""
+        t = self.config.text
+        if tokens.ndim != 2:
+            raise InvalidInputError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        b, length = tokens.shape
+        if cache is None:
+            start = jnp.zeros((b,), jnp.int32)
+            index = jnp.zeros((), jnp.int32)
+            k_slots = jnp.arange(length, dtype=jnp.int32)
+        else:
+            check_cache(cache, self.config, b, length)
+            start, index = cache.start, cache.index
+            k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+        q_slots = index + jnp.arange(length, dtype=jnp.int32)  # [T]
+        positions = q_slots[None, :] - start[:, None]  # [B, T]
+        cos, sin = rope_angles(positions, inv_frequencies(t.head_dim, t.rope_theta, t.rope_scaling))
+        mask = causal_mask(q_slots, k_slots, start)  # [B, T, S]
+
+        h = self.embed(tokens)  # [B, T, D]
+        h, new_k, new_v = self._run_layers(h, cos, sin, mask, cache, index)
+        h = self.norm(h)
+        if t.tie_embeddings:
+            logits = self.embed.attend(h)
+        else:
+            logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits, None
+        return logits, dataclasses.replace(cache, k=new_k, v=new_v, index=index + length)
+
+    def _run_layers(self, h, cos, sin, mask, cache: KVCache | None, index):
+        if self.config.scan_layers:
+            graphdef, state = nnx.split(self.layers)
+
+            def body(carry, xs):
+                layer_state, kv = xs
+                block = nnx.merge(graphdef, layer_state)
+                carry, new_kv = block(carry, cos, sin, mask, kv, index)
+                return carry, new_kv
+
+            xs = (state, None if cache is None else (cache.k, cache.v))
+            h, new_kv = jax.lax.scan(body, h, xs)
+            return (h, None, None) if cache is None else (h, new_kv[0], new_kv[1])
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h, layer_kv = block(h, cos, sin, mask, kv, index)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        return h, tuple(new_k), tuple(new_v)
+
+
+def check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int) -> None:
+    """Raise :class:`InvalidInputError` if ``length`` new tokens of ``batch`` sequences cannot go into ``cache``."""
+    if cache.stacked != config.scan_layers:
+        layout = "stacked" if cache.stacked else "per-layer"
+        raise InvalidInputError(
+            f"cache layout is {layout} but config.scan_layers={config.scan_layers}; "
+            "build it with KVCache.init(config, ...)"
+        )
+    if cache.batch_size != batch:
+        raise InvalidInputError(f"tokens have batch {batch} but the cache was built for batch {cache.batch_size}")
+    if not isinstance(cache.index, jax.core.Tracer):
+        used = int(cache.index)
+        if used + length > cache.max_len:
+            raise InvalidInputError(
+                f"{length} new tokens do not fit the cache: {used} of {cache.max_len} slots are used"
+            )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parameter layouts.
+
+
+def stack_layers(params: dict) -> dict:
+    """Per-layer tree ``{"layers": {0: {...}, 1: {...}}}`` -> stacked ``{"layers": {...}}`` (leading ``L`` axis)."""
+    layers = params["layers"]
+    n = len(layers)
+    if sorted(layers) != list(range(n)):
+        raise InvalidInputError(f"per-layer parameters must be indexed 0..{n - 1}, got {sorted(layers)}")
+    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[layers[i] for i in range(n)])
+    return {**params, "layers": stacked}
+
+
+def unstack_layers(params: dict) -> dict:
+    """Stacked tree -> per-layer tree; the inverse of :func:`stack_layers`."""
+    layers = params["layers"]
+    n = {int(np.shape(x)[0]) for x in jax.tree.leaves(layers)}
+    if len(n) != 1:
+        raise InvalidInputError(f"stacked layer parameters disagree on the layer count: {sorted(n)}")
+    (n,) = n
+    return {**params, "layers": {i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}}
