@@ -5,8 +5,10 @@ sequence ``b`` (its padding lies before it and is never visible), and ``index`` 
 by the batch. A token in slot ``s`` of sequence ``b`` has RoPE position ``s - start[b]``, so the amount of padding
 never changes a result. Keys and values keep ``K`` kv heads (grouped-query attention is computed without repeats).
 
-``k``/``v`` are one stacked ``[L, B, S, K, H]`` array each in the scanned layout, or a tuple of ``L`` arrays
-``[B, S, K, H]`` in the unrolled layout (per-layer buffers avoid slice copies on XLA:CPU).
+``k``/``v`` are one stacked ``[L, B, K, S, H]`` array each in the scanned layout, or a tuple of ``L`` arrays
+``[B, K, S, H]`` in the unrolled layout (per-layer buffers avoid slice copies on XLA:CPU). Slots are the
+second-to-last axis so that each kv head's ``[S, H]`` block is contiguous: the attention contractions then read
+the cache in place instead of transposing a copy of it every step.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from llama32_jax.configs import ModelConfig
 from llama32_jax.errors import InvalidInputError
 
 # Logical axes of one layer's K or V buffer, and of the stacked form.
-LAYER_AXES = (dims.BATCH, dims.CACHE_SEQ, dims.KV_HEADS, dims.HEAD_DIM)
+LAYER_AXES = (dims.BATCH, dims.KV_HEADS, dims.CACHE_SEQ, dims.HEAD_DIM)
 STACKED_AXES = (dims.LAYERS, *LAYER_AXES)
 
 
@@ -43,7 +45,7 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return int((self.k if self.stacked else self.k[0]).shape[-3])
+        return int((self.k if self.stacked else self.k[0]).shape[-2])
 
     @classmethod
     def init(
@@ -63,7 +65,7 @@ class KVCache:
             raise InvalidInputError(
                 f"KVCache max_len={max_len} exceeds the model context ({t.max_position_embeddings} positions)"
             )
-        shape = (batch_size, max_len, t.n_kv_heads, t.head_dim)
+        shape = (batch_size, t.n_kv_heads, max_len, t.head_dim)
         if config.scan_layers:
             k = jnp.zeros((t.n_layers, *shape), dtype)
             v = jnp.zeros((t.n_layers, *shape), dtype)

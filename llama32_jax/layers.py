@@ -102,3 +102,31 @@ class Einsum(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.einsum(self.spec, x, self.kernel[...])
+
+
+class HeadsProjection(nnx.Module):
+    """``[B, T, D] -> [B, T, heads, H]`` with a kernel ``[D, heads, H]`` (axes e.g. ``embed, q_heads, head_dim``).
+
+    Computed as one ``[D, heads*H]`` matmul over a free (row-major) reshape of the kernel: XLA then reads the
+    weight in place, where the 3-D einsum ``btd,dnh->btnh`` can make it materialise a transposed copy per call.
+    """
+
+    def __init__(self, shape: Sequence[int], axes: Sequence[str], *, dtype=jnp.float32, stack=None, rngs: nnx.Rngs):
+        self.kernel = make_param(rngs, shape, axes, dtype, stack=stack)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d, heads, h = self.kernel.shape[-3:]
+        y = jnp.einsum("btd,de->bte", x, self.kernel[...].reshape(d, heads * h))
+        return y.reshape(*x.shape[:-1], heads, h)  # [B, T, heads, H]
+
+
+class MergeHeadsProjection(nnx.Module):
+    """``[B, T, heads, H] -> [B, T, D]`` with a kernel ``[heads, H, D]`` (Wo), as one ``[heads*H, D]`` matmul."""
+
+    def __init__(self, shape: Sequence[int], axes: Sequence[str], *, dtype=jnp.float32, stack=None, rngs: nnx.Rngs):
+        self.kernel = make_param(rngs, shape, axes, dtype, stack=stack)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        heads, h, d = self.kernel.shape[-3:]
+        flat = x.reshape(*x.shape[:-2], heads * h)  # [B, T, heads*H]
+        return jnp.einsum("bte,ed->btd", flat, self.kernel[...].reshape(heads * h, d))

@@ -19,7 +19,7 @@ from llama32_jax.attention import attention, causal_mask
 from llama32_jax.cache import KVCache
 from llama32_jax.configs import ModelConfig, TextConfig
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.layers import Einsum, Embed, RMSNorm, make_param
+from llama32_jax.layers import Einsum, Embed, HeadsProjection, MergeHeadsProjection, RMSNorm, make_param
 from llama32_jax.rope import apply_rope, inv_frequencies, rope_angles
 
 LayerKV = tuple[jax.Array, jax.Array]
@@ -31,24 +31,24 @@ class SelfAttention(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, stack: int | None, rngs: nnx.Rngs):
         d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, stack=stack, rngs=rngs)
-        self.wq = Einsum("btd,dnh->btnh", (d, n, h), (dims.EMBED, dims.Q_HEADS, dims.HEAD_DIM), **kw)
-        self.wk = Einsum("btd,dkh->btkh", (d, k, h), (dims.EMBED, dims.KV_HEADS, dims.HEAD_DIM), **kw)
-        self.wv = Einsum("btd,dkh->btkh", (d, k, h), (dims.EMBED, dims.KV_HEADS, dims.HEAD_DIM), **kw)
-        self.wo = Einsum("btnh,nhd->btd", (n, h, d), (dims.Q_HEADS, dims.HEAD_DIM, dims.EMBED), **kw)
+        self.wq = HeadsProjection((d, n, h), (dims.EMBED, dims.Q_HEADS, dims.HEAD_DIM), **kw)
+        self.wk = HeadsProjection((d, k, h), (dims.EMBED, dims.KV_HEADS, dims.HEAD_DIM), **kw)
+        self.wv = HeadsProjection((d, k, h), (dims.EMBED, dims.KV_HEADS, dims.HEAD_DIM), **kw)
+        self.wo = MergeHeadsProjection((n, h, d), (dims.Q_HEADS, dims.HEAD_DIM, dims.EMBED), **kw)
 
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: LayerKV | None, index: jax.Array
     ) -> tuple[jax.Array, LayerKV | None]:
         q = apply_rope(self.wq(x), cos, sin)  # [B, T, N, H]
-        k = apply_rope(self.wk(x), cos, sin)  # [B, T, K, H]
-        v = self.wv(x)  # [B, T, K, H]
+        k = apply_rope(self.wk(x), cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
+        v = self.wv(x).transpose(0, 2, 1, 3)  # [B, K, T, H]
         if kv is None:
             keys, values, new_kv = k, v, None
         else:
-            cache_k, cache_v = kv  # [B, S, K, H]
+            cache_k, cache_v = kv  # [B, K, S, H]
             zero = jnp.zeros((), jnp.int32)
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (zero, index, zero, zero))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (zero, index, zero, zero))
+            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (zero, zero, index, zero))
+            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (zero, zero, index, zero))
             keys, values, new_kv = cache_k, cache_v, (cache_k, cache_v)
         out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)  # [B, T, N, H]
         return self.wo(out), new_kv

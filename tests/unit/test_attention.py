@@ -11,9 +11,9 @@ from llama32_jax.attention import attention, causal_mask
 
 def _naive(q, k, v, mask):
     n, h = q.shape[2:]
-    g = n // k.shape[2]
-    k = np.repeat(k, g, axis=2)  # Meta's repeat_kv: kv head j serves query heads j*g .. j*g+g-1
-    v = np.repeat(v, g, axis=2)
+    g = n // k.shape[1]
+    k = np.repeat(k, g, axis=1).transpose(0, 2, 1, 3)  # Meta's repeat_kv: kv head j serves heads j*g .. j*g+g-1
+    v = np.repeat(v, g, axis=1).transpose(0, 2, 1, 3)  # -> [B, S, N, H]
     s = np.einsum("btnh,bsnh->bnts", q, k) / np.sqrt(h)
     s = np.where(mask[:, None], s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
@@ -25,7 +25,7 @@ def _naive(q, k, v, mask):
 def test_gqa_matches_naive(n, kv):
     rng = np.random.default_rng(n * 10 + kv)
     b, t, s, h = 2, 5, 9, 16
-    q, k, v = (rng.normal(size=shape) for shape in [(b, t, n, h), (b, s, kv, h), (b, s, kv, h)])
+    q, k, v = (rng.normal(size=shape) for shape in [(b, t, n, h), (b, kv, s, h), (b, kv, s, h)])
     start = np.array([0, 3])
     mask = np.asarray(causal_mask(jnp.arange(4, 9), jnp.arange(s), jnp.asarray(start)))
     out = attention(
@@ -43,6 +43,6 @@ def test_causal_mask_semantics():
 
 def test_fully_masked_row_is_finite():
     q = jnp.ones((1, 1, 2, 4))
-    k = v = jnp.ones((1, 3, 1, 4))
+    k = v = jnp.ones((1, 1, 3, 4))
     out = attention(q, k, v, jnp.zeros((1, 1, 3), bool))
     assert np.all(np.isfinite(np.asarray(out)))
