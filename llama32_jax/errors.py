@@ -26,3 +26,7 @@ class InvalidInputError(LlamaJaxError, ValueError):
 
 class CheckpointError(LlamaJaxError, ValueError):
     """A checkpoint is malformed: missing/unused keys, shape or dtype mismatches, unreadable files."""
+
+
+class TokenizerError(LlamaJaxError, ValueError):
+    """A tokenizer could not be found or loaded (missing, unreadable or malformed files), or lacks a needed token."""

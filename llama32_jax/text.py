@@ -103,8 +103,14 @@ class Transformer(nnx.Module):
         if not t.tie_embeddings:
             self.lm_head = make_param(rngs, (t.dim, t.vocab_size), (dims.EMBED, dims.VOCAB), param_dtype)
 
-    def __call__(self, tokens: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-        """Args: ``tokens [B, T]`` int. Returns ``(logits [B, T, V] fp32, new cache or None)``."""
+    def __call__(
+        self, tokens: jax.Array, cache: KVCache | None = None, *, last_only: bool = False
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Args: ``tokens [B, T]`` int. Returns ``(logits [B, T, V] fp32, new cache or None)``.
+
+        ``last_only=True`` computes the head for the last position only (``[B, 1, V]``): generation needs no more,
+        and with left padding the last slot holds every sequence's last prompt token.
+        """
         t = self.config.text
         if tokens.ndim != 2:
             raise InvalidInputError(f"tokens must be [batch, length], got shape {tokens.shape}")
@@ -124,6 +130,8 @@ class Transformer(nnx.Module):
 
         h = self.embed(tokens)  # [B, T, D]
         h, new_k, new_v = self._run_layers(h, cos, sin, mask, cache, index)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         if t.tie_embeddings:
             logits = self.embed.attend(h)

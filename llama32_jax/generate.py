@@ -1,0 +1,298 @@
+"""Batched generation on device: one jitted prefill, and the whole decode loop in one jitted ``while_loop``.
+
+Prompts are left-padded into a length bucket (powers of two, so prompt lengths cost few recompiles), which puts
+every sequence's last prompt token in the same slot; per-sequence ``start`` offsets make RoPE positions and
+masks independent of the padding, so a prompt gives the same tokens alone or in any batch. The prefill creates
+the KV cache on device and hands it to the decode loop, which donates it (updated in place, never copied). The
+loop exits as soon as every sequence has stopped (a stop token of its own, or its ``max_new_tokens``).
+
+Sampling is per sequence: greedy (temperature 0), temperature, top-k and top-p (Meta's rule: keep the smallest
+prefix of the sorted distribution whose mass before each kept token is <= top_p), each sequence with its own
+seed; the key for step ``i`` is ``fold_in(PRNGKey(seed), i)``, so a request's samples do not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama32_jax.cache import KVCache
+from llama32_jax.errors import InvalidInputError
+
+MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """One sequence's result. ``tokens`` excludes the prompt and includes the stop token if one was emitted."""
+
+    tokens: list[int]
+    stop_reason: str  # "stop" (a stop token) or "length" (max_new_tokens reached)
+    logprobs: list[float] | None = None  # log p(token) under the model's (untempered) distribution
+    prompt_length: int = 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingState:
+    """Per-sequence sampling parameters as device arrays (all ``[B]`` except ``stop_ids [B, M]``)."""
+
+    temperature: jax.Array
+    top_k: jax.Array  # 0 = off
+    top_p: jax.Array  # 1.0 = off
+    keys: jax.Array  # [B, 2] uint32 PRNG keys
+    stop_ids: jax.Array  # [B, M] int32, -1 padded
+    max_new: jax.Array  # [B] int32
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """Round ``n`` up to a bucket: ``minimum``, or a multiple of ``2**(floor(log2 n) - 3)``.
+
+    Buckets waste at most 1/8 of the work and number 8 per doubling of the length, so prompts of any length
+    compile only a few dozen shapes (110 -> 112, 1000 -> 1024, 5000 -> 5120).
+    """
+    if n <= minimum:
+        return minimum
+    granularity = 1 << max(0, int(math.floor(math.log2(n))) - 3)
+    return -(-n // granularity) * granularity
+
+
+def sample(logits: jax.Array, s: SamplingState, step: jax.Array, *, stochastic: bool, filtered: bool) -> jax.Array:
+    """Pick one token per row of ``logits [B, V]`` (fp32). ``stochastic``/``filtered`` are static fast paths."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not stochastic:
+        return greedy
+    temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)
+    scaled = logits / temperature[:, None]
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, step)
+    if filtered:
+        vocab = logits.shape[-1]
+        order = jnp.argsort(-scaled, axis=-1, stable=True)  # [B, V] descending
+        sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+        rank = jnp.arange(vocab)[None, :]
+        k = jnp.where(s.top_k > 0, s.top_k, vocab)[:, None]
+        sorted_logits = jnp.where(rank < k, sorted_logits, -jnp.inf)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        keep = (mass_before <= s.top_p[:, None]) | (rank == 0)
+        sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+        picked = jax.vmap(jax.random.categorical)(step_keys, sorted_logits)
+        sampled = jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
+    else:
+        sampled = jax.vmap(jax.random.categorical)(step_keys, scaled)
+    return jnp.where(s.temperature > 0, sampled.astype(jnp.int32), greedy)
+
+
+def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype"))
+def _prefill(graphdef, state, tokens, start, *, cache_len: int, cache_dtype):
+    model = nnx.merge(graphdef, state)
+    b = tokens.shape[0]
+    cache = KVCache.init(model.config, b, cache_len, dtype=cache_dtype, start=start)
+    logits, cache = model(tokens, cache, last_only=True)
+    return logits[:, 0], cache
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "max_steps", "stochastic", "filtered", "stream"),
+    donate_argnames=("cache",),
+)
+def _decode(graphdef, state, logits, cache, s: SamplingState, *, max_steps, stochastic, filtered, stream):
+    """Sample, feed back, repeat: tokens ``[B, max_steps]``, logprobs, lengths; exits when all sequences stop.
+
+    The final cache is returned (and dropped by the caller) so that XLA can alias it to the donated input: the
+    loop then updates the one cache buffer in place.
+    """
+    model = nnx.merge(graphdef, state)
+    b = logits.shape[0]
+
+    def is_stop(tok):
+        return jnp.any(tok[:, None] == s.stop_ids, axis=-1)
+
+    def emit(step, tok, done):
+        if stream is not None:
+            jax.experimental.io_callback(stream, None, step, tok, done, ordered=True)
+
+    tok = sample(logits, s, jnp.int32(0), stochastic=stochastic, filtered=filtered)
+    out = jnp.zeros((b, max_steps), jnp.int32).at[:, 0].set(tok)
+    lps = jnp.zeros((b, max_steps), jnp.float32).at[:, 0].set(_token_logprob(logits, tok))
+    lengths = jnp.ones((b,), jnp.int32)
+    done = is_stop(tok) | (lengths >= s.max_new)
+    emit(jnp.int32(0), tok, jnp.zeros((b,), bool))
+
+    def cond(carry):
+        step, _, _, done, *_ = carry
+        return (step < max_steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, tok, cache, done, out, lps, lengths = carry
+        logits, cache = model(tok[:, None], cache, last_only=True)
+        logits = logits[:, 0]
+        new = sample(logits, s, step, stochastic=stochastic, filtered=filtered)
+        new = jnp.where(done, 0, new)
+        emit(step, new, done)
+        out = out.at[:, step].set(new)
+        lps = lps.at[:, step].set(jnp.where(done, 0.0, _token_logprob(logits, new)))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | is_stop(new) | (lengths >= s.max_new)
+        return step + 1, new, cache, done, out, lps, lengths
+
+    carry = (jnp.int32(1), tok, cache, done, out, lps, lengths)
+    _, _, cache, _, out, lps, lengths = jax.lax.while_loop(cond, body, carry)
+    return out, lps, lengths, cache
+
+
+def _per_sequence(value, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise InvalidInputError(
+                f"{name} has {len(value)} entries for {n} prompts; give one value or one per prompt"
+            )
+        return list(value)
+    return [value] * n
+
+
+def _validate(prompts, vocab: int, context: int, max_new: list[int]) -> None:
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise InvalidInputError("prompts must be a non-empty list of token-id lists")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise InvalidInputError(f"prompt {i} is empty; every prompt needs at least one token")
+        arr = np.asarray(p)
+        if not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 1:
+            raise InvalidInputError(f"prompt {i} must be a flat list of int token ids")
+        if arr.min() < 0 or arr.max() >= vocab:
+            raise InvalidInputError(f"prompt {i} has token ids outside [0, {vocab}): min {arr.min()}, max {arr.max()}")
+        if len(p) + max_new[i] > context:
+            raise InvalidInputError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new[i]} it exceeds the model context of "
+                f"{context} positions"
+            )
+
+
+def generate_tokens(
+    model: nnx.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int | Sequence[int] = 64,
+    temperature: float | Sequence[float] = 0.0,
+    top_k: int | Sequence[int] = 0,
+    top_p: float | Sequence[float] = 1.0,
+    seed: int | Sequence[int] = 0,
+    stop_ids: Sequence[int] | Sequence[Sequence[int]] = (),
+    logprobs: bool = False,
+    on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
+    pad_id: int = 0,
+) -> list[GenerationOutput]:
+    """Generate from token-id prompts; every sampling argument is one value or one per prompt.
+
+    ``stop_ids`` is one list for all prompts or one list per prompt. ``on_step(step, tokens [B], done [B])`` is
+    called from the device loop for every generated position (``done`` marks sequences that had already
+    stopped, whose token is meaningless).
+    """
+    n = len(prompts) if isinstance(prompts, (list, tuple)) else 0
+    text = model.config.text
+    max_new = [int(m) for m in _per_sequence(max_new_tokens, max(n, 1), "max_new_tokens")]
+    if any(m < 1 for m in max_new):
+        raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    _validate(prompts, text.vocab_size, text.max_position_embeddings, max_new)
+    temps = [float(t) for t in _per_sequence(temperature, n, "temperature")]
+    ks = _per_sequence(top_k, n, "top_k")
+    ps = [float(p) for p in _per_sequence(top_p, n, "top_p")]
+    seeds = _per_sequence(seed, n, "seed")
+    if any(not math.isfinite(t) or t < 0 for t in temps):
+        raise InvalidInputError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
+    if any(not isinstance(k, (int, np.integer)) or k < 0 for k in ks):
+        raise InvalidInputError(f"top_k must be an int >= 0 (0 = off), got {top_k}")
+    if any(not 0.0 < p <= 1.0 for p in ps):
+        raise InvalidInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
+    if any(not isinstance(s, (int, np.integer)) for s in seeds):
+        raise InvalidInputError(f"seed must be an int, got {seed}")
+    nested = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
+    stops = [list(x) for x in stop_ids] if nested else [list(stop_ids)] * n
+    if len(stops) != n:
+        raise InvalidInputError(f"stop_ids has {len(stops)} lists for {n} prompts")
+
+    lengths = [len(p) for p in prompts]
+    width = bucket(max(lengths))
+    steps = bucket(max(max_new), minimum=8)
+    cache_len = width + steps
+    if cache_len > text.max_position_embeddings:
+        cache_len = max(lengths) + max(max_new)  # near the context limit: exact size instead of buckets
+        width, steps = max(lengths), max(max_new)
+    tokens = np.full((n, width), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, width - len(p) :] = np.asarray(p, np.int32)
+    start = np.asarray([width - length for length in lengths], np.int32)
+    m = max(1, max(len(s) for s in stops))
+    stop_arr = np.full((n, m), -1, np.int32)
+    for i, s in enumerate(stops):
+        stop_arr[i, : len(s)] = s
+    state_s = SamplingState(
+        temperature=jnp.asarray(temps, jnp.float32),
+        top_k=jnp.asarray(ks, jnp.int32),
+        top_p=jnp.asarray(ps, jnp.float32),
+        keys=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]),
+        stop_ids=jnp.asarray(stop_arr),
+        max_new=jnp.asarray(max_new, jnp.int32),
+    )
+    graphdef, state = nnx.split(model)
+    cache_dtype = jnp.dtype(model.embed.embedding.dtype)
+    logits, cache = _prefill(
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(start), cache_len=cache_len, cache_dtype=cache_dtype
+    )
+    stochastic = any(t > 0 for t in temps)
+    filtered = stochastic and any(k > 0 or p < 1.0 for k, p, t in zip(ks, ps, temps, strict=True) if t > 0)
+    stream = None if on_step is None else _HostCallback(on_step)
+    out, lps, gen_lengths, _ = _decode(
+        graphdef,
+        state,
+        logits,
+        cache,
+        state_s,
+        max_steps=steps,
+        stochastic=stochastic,
+        filtered=filtered,
+        stream=stream,
+    )
+    out, lps, gen_lengths = np.asarray(out), np.asarray(lps), np.asarray(gen_lengths)
+    results = []
+    for i in range(n):
+        toks = out[i, : gen_lengths[i]].tolist()
+        reason = "stop" if toks and toks[-1] in stops[i] else "length"
+        results.append(
+            GenerationOutput(
+                tokens=toks,
+                stop_reason=reason,
+                logprobs=lps[i, : gen_lengths[i]].tolist() if logprobs else None,
+                prompt_length=lengths[i],
+            )
+        )
+    return results
+
+
+class _HostCallback:
+    """Wraps a user callback so jit can treat it as static (hash/eq by identity of the wrapped function)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, step, tokens, done):
+        self.fn(int(step), np.asarray(tokens), np.asarray(done))
+
+    def __hash__(self):
+        return hash(self.fn)
+
+    def __eq__(self, other):
+        return isinstance(other, _HostCallback) and other.fn is self.fn
