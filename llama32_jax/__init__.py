@@ -3,14 +3,17 @@
 The public surface (see README.md)::
 
     import llama32_jax as lj
+    model = lj.load("path/to/hf_dir_or.gguf", dtype="bfloat16")  # -> Model: .generate, .chat, .logits, .tokenizer
+    outs = model.generate(["Why is the sky blue?"], max_new_tokens=64, temperature=0.0)
     cfg = lj.configs.LLAMA_3_2_1B                      # named configs, strict readers of params.json / config.json
-    model = lj.init_model(lj.configs.TINY_TEXT)        # random weights
-    logits, _ = lj.forward(model, tokens)              # [B, T] ints -> [B, T, V] fp32 (jitted)
+    module = lj.init_model(lj.configs.TINY_TEXT)       # an NNX module with random weights
+    logits, _ = lj.forward(module, tokens)             # [B, T] ints -> [B, T, V] fp32 (jitted)
 
 Importing this package has no side effects beyond importing JAX.
 """
 
 from llama32_jax import configs, errors
+from llama32_jax.api import Completion, Model, load
 from llama32_jax.cache import KVCache
 from llama32_jax.configs import ModelConfig, RopeScaling, TextConfig, VisionConfig, from_hf_config, from_params_json
 from llama32_jax.model import abstract_model, forward, init_model, load_params, param_count
@@ -19,7 +22,9 @@ from llama32_jax.text import Transformer
 __version__ = "0.1.0"
 
 __all__ = [
+    "Completion",
     "KVCache",
+    "Model",
     "ModelConfig",
     "RopeScaling",
     "TextConfig",
@@ -32,6 +37,7 @@ __all__ = [
     "from_hf_config",
     "from_params_json",
     "init_model",
+    "load",
     "load_params",
     "param_count",
 ]

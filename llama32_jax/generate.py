@@ -60,7 +60,7 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """
     if n <= minimum:
         return minimum
-    granularity = 1 << max(0, int(math.floor(math.log2(n))) - 3)
+    granularity = 1 << max(0, math.floor(math.log2(n)) - 3)
     return -(-n // granularity) * granularity
 
 

@@ -94,6 +94,58 @@ TIED_HEAD_KEY = {"meta": "output.weight", "hf": "lm_head.weight"}
 EMBED_KEY = {"meta": "tok_embeddings.weight", "hf": "model.embed_tokens.weight"}
 TABLES = {"meta": META_TEXT, "hf": HF_TEXT}
 
+# llama.cpp GGUF tensor names -> Meta names. GGUF keeps Meta's layout, including the interleaved RoPE order of the
+# q/k rows (llama.cpp's converter permutes HF checkpoints back to it; verified by logit parity with transformers in
+# tests/checkpoint/test_gguf.py), so a renamed GGUF state dict converts with the Meta rules. Shapes are torch's
+# ``(out, in)`` once the reader has reversed GGUF's innermost-first dimension order. No output.weight: tied head.
+GGUF_TO_META: tuple[tuple[str, str], ...] = (
+    ("token_embd.weight", "tok_embeddings.weight"),
+    ("blk.{i}.attn_norm.weight", "layers.{i}.attention_norm.weight"),
+    ("blk.{i}.attn_q.weight", "layers.{i}.attention.wq.weight"),
+    ("blk.{i}.attn_k.weight", "layers.{i}.attention.wk.weight"),
+    ("blk.{i}.attn_v.weight", "layers.{i}.attention.wv.weight"),
+    ("blk.{i}.attn_output.weight", "layers.{i}.attention.wo.weight"),
+    ("blk.{i}.ffn_norm.weight", "layers.{i}.ffn_norm.weight"),
+    ("blk.{i}.ffn_gate.weight", "layers.{i}.feed_forward.w1.weight"),
+    ("blk.{i}.ffn_up.weight", "layers.{i}.feed_forward.w3.weight"),
+    ("blk.{i}.ffn_down.weight", "layers.{i}.feed_forward.w2.weight"),
+    ("output_norm.weight", "norm.weight"),
+    ("output.weight", "output.weight"),
+)
+
+
+def gguf_tensor_names(text: TextConfig) -> dict[str, str]:
+    """Every GGUF tensor a llama file for ``text`` must hold, in file order: GGUF name -> Meta name."""
+    out = {}
+    for gguf_name, meta_name in GGUF_TO_META:
+        if gguf_name == "output.weight" and text.tie_embeddings:
+            continue
+        for layer in range(text.n_layers) if "{i}" in gguf_name else [None]:
+            out[gguf_name.replace("{i}", str(layer))] = meta_name.replace("{i}", str(layer))
+    return out
+
+
+def source_shape(rule: Rule, text: TextConfig) -> tuple[int, ...]:
+    """The torch-layout shape a source tensor for ``rule`` must have, from the parameter it fills."""
+    d, v, f = text.dim, text.vocab_size, text.ffn_dim
+    q, kv = text.n_heads * text.head_dim, text.n_kv_heads * text.head_dim
+    leaf = rule.target[-2] if rule.target[-1] in ("kernel", "weight", "embedding") else rule.target[-1]
+    shapes = {
+        "embed": (v, d),
+        "attention_norm": (d,),
+        "ffn_norm": (d,),
+        "norm": (d,),
+        "wq": (q, d),
+        "wk": (kv, d),
+        "wv": (kv, d),
+        "wo": (d, q),
+        "w1": (f, d),
+        "w3": (f, d),
+        "w2": (d, f),
+        "lm_head": (v, d),
+    }
+    return shapes[leaf]
+
 
 def _compile(rule: Rule) -> re.Pattern:
     return re.compile("^" + re.escape(rule.source).replace(r"\{i\}", r"(?P<i>\d+)") + "$")

@@ -1,0 +1,291 @@
+"""The public entry points: ``load(path)`` and the ``Model`` it returns (``generate``, ``chat``, ``logits``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama32_jax.configs import ModelConfig
+from llama32_jax.errors import CheckpointError, InvalidInputError
+from llama32_jax.generate import GenerationOutput, generate_tokens
+from llama32_jax.model import forward, load_params
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """A generated continuation: its text (stop token excluded), token ids, why it stopped, optional logprobs."""
+
+    text: str
+    tokens: list[int]
+    stop_reason: str
+    prompt_tokens: int
+    logprobs: list[float] | None = None
+
+
+class Model:
+    """A loaded model with its tokenizer: ``generate``, ``chat`` and ``logits``.
+
+    Build one with :func:`load`, or directly from an NNX module and a tokenizer.
+    """
+
+    def __init__(self, module: nnx.Module, tokenizer: Any | None = None, *, source: str | None = None):
+        self.module = module
+        self.tokenizer = tokenizer
+        self.source = source
+        self._chat_format = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.module.config
+
+    def __repr__(self) -> str:
+        return f"Model({self.config.name!r}, source={self.source!r})"
+
+    # ----------------------------------------------------------------------------------------------------------
+    def logits(self, token_ids: Any, images: Any = None) -> np.ndarray:
+        """Full-sequence logits: ``token_ids [B, T]`` ints (model ids) -> ``[B, T, V]`` float32 numpy."""
+        if images is not None:
+            raise InvalidInputError(f"{self.config.name} is a text model; images are not accepted")
+        ids = np.asarray(token_ids)
+        if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise InvalidInputError(
+                f"token_ids must be a non-empty integer array [batch, length], got {ids.dtype}{list(ids.shape)}"
+            )
+        vocab = self.config.text.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            raise InvalidInputError(f"token_ids must lie in [0, {vocab}), got min {ids.min()} max {ids.max()}")
+        if ids.shape[1] > self.config.text.max_position_embeddings:
+            raise InvalidInputError(
+                f"{ids.shape[1]} tokens exceed the model context of {self.config.text.max_position_embeddings}"
+            )
+        logits, _ = forward(self.module, jnp.asarray(ids, jnp.int32))
+        return np.asarray(logits)
+
+    # ----------------------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: str | Sequence[str] | Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int | Sequence[int] = 64,
+        temperature: float | Sequence[float] = 0.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        seed: int | Sequence[int] = 0,
+        stop_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        logprobs: bool = False,
+        stream: Callable[[int, str], None] | None = None,
+        return_details: bool = False,
+        add_bos: bool | None = None,
+        images: Any = None,
+    ) -> list[str] | list[Completion]:
+        """Generate a continuation for each prompt (text, or token ids used as given).
+
+        Text prompts are encoded with the tokenizer, BOS first when ``add_bos`` (default: the tokenizer's own
+        convention, e.g. yes for Llama 3, no for SmolLM2).
+        Every sampling argument is one value or one per prompt; ``temperature=0`` is greedy. ``stop_ids``
+        defaults to the tokenizer's stop tokens (Llama 3 instruct: 128001, 128008, 128009).
+        ``stream(i, text_delta)`` receives each prompt's new text as it is generated. Returns the texts, or
+        :class:`Completion` records with ``return_details=True``.
+        """
+        if images is not None:
+            raise InvalidInputError(f"{self.config.name} is a text model; images are not accepted")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
+            raise InvalidInputError("prompts must be a non-empty list of strings or of token-id lists")
+        ids = [self._encode_prompt(p, i, add_bos) for i, p in enumerate(prompts)]
+        return self._generate_ids(
+            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details
+        )
+
+    def chat(
+        self,
+        dialogs: Sequence[dict] | Sequence[Sequence[dict]],
+        *,
+        max_new_tokens: int | Sequence[int] = 256,
+        temperature: float | Sequence[float] = 0.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        seed: int | Sequence[int] = 0,
+        stop_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        logprobs: bool = False,
+        stream: Callable[[int, str], None] | None = None,
+        return_details: bool = False,
+        **format_options: Any,
+    ) -> list[str] | list[Completion]:
+        """Reply to one dialog (a list of ``{"role", "content"}`` messages) or a batch of dialogs.
+
+        Llama checkpoints use Meta's chat format (roles system/user/assistant/ipython; ``system_date=`` adds the
+        date-stamped system header); other HF tokenizers use their own chat template. Returns one reply each.
+        """
+        if isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict):
+            dialogs = [dialogs]
+        if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
+            raise InvalidInputError("dialogs must be a non-empty list of messages, or a list of such lists")
+        fmt = self._get_chat_format()
+        ids = [fmt.encode_dialog(list(d), add_generation_prompt=True, **format_options) for d in dialogs]
+        return self._generate_ids(
+            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details
+        )
+
+    # ----------------------------------------------------------------------------------------------------------
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise InvalidInputError(
+                f"{self.config.name} was loaded without a tokenizer; pass token ids instead of text"
+            )
+        return self.tokenizer
+
+    def _get_chat_format(self):
+        if self._chat_format is None:
+            from llama32_jax.tokenizer import chat_format_for
+
+            self._chat_format = chat_format_for(self._require_tokenizer())
+        return self._chat_format
+
+    def _encode_prompt(self, prompt, i: int, add_bos: bool | None) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidInputError(f"prompt {i} is an empty string")
+            tok = self._require_tokenizer()
+            bos = tok.add_bos if add_bos is None else add_bos
+            if bos and tok.bos_id is None:
+                raise InvalidInputError("add_bos=True but the tokenizer has no BOS token")
+            return tok.encode(prompt, bos=bos)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            return [int(t) for t in prompt]
+        raise InvalidInputError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _generate_ids(
+        self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details
+    ):
+        if stop_ids is None:
+            stop_ids = list(self.tokenizer.stop_ids) if self.tokenizer is not None else []
+        on_step = None if stream is None else _TextStreamer(self.tokenizer, stream, len(ids), stop_ids)
+        outs = generate_tokens(
+            self.module,
+            ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            stop_ids=stop_ids,
+            logprobs=logprobs,
+            on_step=on_step,
+        )
+        completions = [self._completion(o) for o in outs]
+        return completions if return_details else [c.text for c in completions]
+
+    def _completion(self, out: GenerationOutput) -> Completion:
+        body = out.tokens[:-1] if out.stop_reason == "stop" else out.tokens
+        text = self.tokenizer.decode(body) if self.tokenizer is not None else ""
+        return Completion(
+            text=text,
+            tokens=out.tokens,
+            stop_reason=out.stop_reason,
+            prompt_tokens=out.prompt_length,
+            logprobs=out.logprobs,
+        )
+
+
+class _TextStreamer:
+    """Turns per-step token arrays into text deltas per prompt (holding back incomplete UTF-8 sequences)."""
+
+    def __init__(self, tokenizer, callback, n: int, stop_ids):
+        self.tokenizer, self.callback = tokenizer, callback
+        nested = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
+        self.stops = [set(s) for s in stop_ids] if nested else [set(stop_ids)] * n
+        self.tokens: list[list[int]] = [[] for _ in range(n)]
+        self.sent = [""] * n
+        self.finished = [False] * n
+
+    def __call__(self, step: int, tokens: np.ndarray, done: np.ndarray) -> None:
+        for i, (tok, was_done) in enumerate(zip(tokens.tolist(), done.tolist(), strict=True)):
+            if was_done or self.finished[i]:
+                continue
+            if tok in self.stops[i]:
+                self.finished[i] = True
+                continue
+            self.tokens[i].append(tok)
+            if self.tokenizer is None:
+                continue
+            text = self.tokenizer.decode(self.tokens[i])
+            if text.endswith("\ufffd"):
+                continue  # a multi-byte character is not complete yet
+            delta, self.sent[i] = text[len(self.sent[i]) :], text
+            if delta:
+                self.callback(i, delta)
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def load(
+    path: str | os.PathLike,
+    mesh: Any = None,
+    dtype: str = "bfloat16",
+    attention_impl: str = "auto",
+    *,
+    scan_layers: bool = False,
+) -> Model:
+    """Load a checkpoint into a :class:`Model`.
+
+    ``path`` is an HF model directory (``config.json`` + safetensors + tokenizer files) or a llama-architecture
+    ``.gguf`` file (dequantized to ``dtype``). Meta (``params.json`` + ``consolidated.*.pth``) and Orbax
+    directories, ``mesh`` sharding and ``attention_impl="pallas"`` arrive with their issues and are refused with a
+    clear error until then.
+    """
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if attention_impl not in ATTENTION_IMPLS:
+        raise InvalidInputError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    if attention_impl == "pallas":
+        raise InvalidInputError("attention_impl='pallas' is not available yet; use 'auto' or 'xla'")
+    if mesh is not None:
+        raise InvalidInputError("sharded loading (mesh=...) is not available yet; pass mesh=None")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint path {path!r} does not exist")
+    param_dtype = DTYPES[dtype]
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from llama32_jax.checkpoint.gguf import read_gguf
+        from llama32_jax.tokenizer import HFTokenizer
+
+        ckpt = read_gguf(path)
+        config = ckpt.config.replace(scan_layers=scan_layers)
+        tokenizer = HFTokenizer(
+            ckpt.tokenizer,
+            bos_id=ckpt.bos_id,
+            eos_id=ckpt.eos_id,
+            pad_id=ckpt.pad_id,
+            chat_template=ckpt.chat_template,
+            add_bos=ckpt.add_bos,
+        )
+        return Model(load_params(config, ckpt.params, param_dtype=param_dtype), tokenizer, source=path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
+        from llama32_jax.checkpoint.hf import read_hf_params
+        from llama32_jax.tokenizer import load_tokenizer
+
+        config, params = read_hf_params(path)
+        config = config.replace(scan_layers=scan_layers)
+        has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
+        tokenizer = load_tokenizer(path) if has_tok else None
+        return Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path)
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json")):
+        raise CheckpointError(
+            f"{path!r} is a Meta checkpoint directory; loading Meta checkpoints arrives with the conversion issue "
+            "(python -m llama32_jax.convert). Use an HF directory for now."
+        )
+    raise CheckpointError(
+        f"{path!r} is not a checkpoint llama32_jax can load: expected an HF directory with config.json or a .gguf file"
+    )

@@ -1,0 +1,150 @@
+"""Reader of Hugging Face model directories: ``config.json`` and safetensors weights (one file or an indexed set).
+
+Tensors are read one at a time with ``safetensors.safe_open`` (never unpickled) and come back as numpy arrays in
+the stored dtype; bf16 tensors, which safetensors' numpy backend cannot build, are read from the file's own byte
+offsets as ``ml_dtypes.bfloat16`` (the bytes are the same, so the values are exact).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama32_jax.checkpoint.convert import params_from_state_dict
+from llama32_jax.configs import ModelConfig, from_hf_config
+from llama32_jax.errors import CheckpointError
+
+__all__ = ["hf_weight_files", "iter_hf_tensors", "read_hf_params"]
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _load_index(directory: Path) -> dict[str, list[str]]:
+    """``shard file name -> [keys]`` from ``model.safetensors.index.json``, checked for shape and missing shards."""
+    path = directory / INDEX_FILE
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {str(path)!r} as JSON: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{str(path)!r} has no 'weight_map' object naming the shards")
+    shards: dict[str, list[str]] = {}
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str) or os.path.basename(shard) != shard:
+            raise CheckpointError(f"{str(path)!r}: key {key!r} names {shard!r}, not a file in the directory")
+        shards.setdefault(shard, []).append(key)
+    for shard in shards:
+        if not (directory / shard).is_file():
+            raise CheckpointError(
+                f"{str(path)!r} names shard {shard!r} (holding e.g. {shards[shard][0]!r}), which does not exist"
+            )
+    return shards
+
+
+def hf_weight_files(directory: str | os.PathLike) -> dict[Path, list[str] | None]:
+    """The safetensors files of an HF directory: ``path -> keys the index assigns to it`` (None for one file)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"HF model directory not found: {str(directory)!r}")
+    single, indexed = directory / SINGLE_FILE, directory / INDEX_FILE
+    if single.is_file() and indexed.is_file():
+        raise CheckpointError(
+            f"{str(directory)!r} has both {SINGLE_FILE!r} and {INDEX_FILE!r}; it is unclear which weights to load"
+        )
+    if single.is_file():
+        return {single: None}
+    if indexed.is_file():
+        return {directory / shard: keys for shard, keys in sorted(_load_index(directory).items())}
+    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
+    raise CheckpointError(
+        f"{str(directory)!r} has no {SINGLE_FILE!r} and no {INDEX_FILE!r}"
+        + (f" (found {others}; only safetensors weights named as HF saves them are read)" if others else "")
+    )
+
+
+def _header(path: Path) -> tuple[int, dict[str, Any]]:
+    """The safetensors header: (byte offset of the data section, {name: {dtype, shape, data_offsets}})."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
+def _read_bf16(path: Path, header: tuple[int, dict[str, Any]], key: str, shape: list[int]) -> np.ndarray:
+    import ml_dtypes
+
+    start, entries = header
+    begin, end = entries[key]["data_offsets"]
+    count = int(np.prod(shape, dtype=np.int64))
+    if end - begin != 2 * count:
+        raise CheckpointError(f"{str(path)!r}: tensor {key!r} has {end - begin} bytes for bf16 shape {shape}")
+    with open(path, "rb") as f:
+        f.seek(start + begin)
+        data = np.fromfile(f, dtype="<u2", count=count)
+    if data.size != count:
+        raise CheckpointError(f"{str(path)!r} is truncated: tensor {key!r} is incomplete")
+    return data.view(ml_dtypes.bfloat16).reshape(shape)
+
+
+def _iter_file(path: Path, expected: list[str] | None) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = list(f.keys())
+            if expected is not None and set(keys) != set(expected):
+                missing = sorted(set(expected) - set(keys))
+                extra = sorted(set(keys) - set(expected))
+                raise CheckpointError(
+                    f"{str(path)!r} does not hold what {INDEX_FILE!r} says: missing {missing[:5]}, unlisted {extra[:5]}"
+                )
+            header = None  # parsed on the first bf16 tensor
+            for key in keys:
+                if f.get_slice(key).get_dtype() == "BF16":
+                    header = header or _header(path)
+                    yield key, _read_bf16(path, header, key, f.get_slice(key).get_shape())
+                else:
+                    yield key, f.get_tensor(key)
+    except (SafetensorError, OSError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {e}") from e
+
+
+def iter_hf_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(key, array)`` for every tensor of an HF directory, one at a time, file by file.
+
+    Arrays keep the stored dtype (bf16 as ``ml_dtypes.bfloat16``). A key stored twice, a shard the index names but
+    that is missing, or a shard whose keys differ from the index is a :class:`~llama32_jax.errors.CheckpointError`.
+    """
+    seen: dict[str, Path] = {}
+    for path, expected in hf_weight_files(directory).items():
+        for key, array in _iter_file(path, expected):
+            if key in seen:
+                raise CheckpointError(f"tensor {key!r} is stored twice: in {seen[key].name!r} and {path.name!r}")
+            seen[key] = path
+            yield key, array
+
+
+def read_hf_params(directory: str | os.PathLike, *, scan_layers: bool = False) -> tuple[ModelConfig, dict]:
+    """Read an HF Llama text-model directory into ``(config, params)`` (our per-layer tree, stored dtypes).
+
+    ``config.json`` goes through the strict :func:`~llama32_jax.configs.from_hf_config` (a missing file is a
+    :class:`~llama32_jax.errors.ConfigError`); the weights through the ``"hf"`` key table.
+    """
+    directory = Path(directory)
+    config = from_hf_config(directory, name=directory.name or "hf", scan_layers=scan_layers)
+    if config.is_vision:
+        raise CheckpointError(
+            f"{str(directory)!r} is an mllama (Llama 3.2 Vision) checkpoint; reading HF vision checkpoints is not "
+            "yet supported"
+        )
+    return config, params_from_state_dict(config, dict(iter_hf_tensors(directory)), "hf")
