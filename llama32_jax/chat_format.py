@@ -28,6 +28,8 @@ __all__ = ["ROLES", "Llama3ChatFormat", "TemplateChatFormat", "chat_format_for",
 
 ROLES = ("system", "user", "assistant", "ipython")
 _ROLE_ALIASES = {"tool": "ipython"}  # Meta's Role.tool is rendered "ipython"
+# Roles a Jinja chat template is given; anything else is a typo the template would render without complaint.
+TEMPLATE_ROLES = ("system", "user", "assistant", "tool", "ipython")
 _MESSAGE_KEYS = ("role", "content", "stop_reason", "python_tag")
 _STOP_REASONS = ("end_of_turn", "end_of_message", "out_of_tokens")
 # Tokens without which a tokenizer cannot carry the Llama 3 dialog format.
@@ -245,6 +247,10 @@ class TemplateChatFormat:
         import jinja2
 
         messages = [{k: v for k, v in m.items() if v is not None} for m in _check_messages(messages)]
+        for i, m in enumerate(messages):
+            if m["role"] not in TEMPLATE_ROLES:
+                valid = ", ".join(repr(r) for r in TEMPLATE_ROLES)
+                raise InvalidInputError(f"messages[{i}] has unknown chat role {m['role']!r}; valid roles are {valid}")
         context: dict[str, Any] = {**self._special_token_vars(), **template_vars}
         if system_date is not None:
             if not isinstance(system_date, _dt.date):

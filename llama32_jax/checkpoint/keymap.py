@@ -29,30 +29,29 @@ class Rule:
     only_if: str | None = None  # "untied": the rule exists only when the head is not tied
 
 
+# Our kernels keep torch's (out, in) orientation, split into named axes (see layers.py for why), so the
+# transforms are reshapes, plus the RoPE row permutation for Meta's wq/wk.
 # Shapes below: D dim, N heads, K kv heads, H head dim, F ffn, V vocab (dims.py).
 TRANSFORMS: dict[str, Callable[[Array, TextConfig], Array]] = {
     "identity": lambda w, c: w,
-    # (N*H, D) -> (D, N, H)
-    "q": lambda w, c: w.T.reshape(c.dim, c.n_heads, c.head_dim),
-    # (K*H, D) -> (D, K, H)
-    "kv": lambda w, c: w.T.reshape(c.dim, c.n_kv_heads, c.head_dim),
+    # (N*H, D) -> (N, H, D)
+    "q": lambda w, c: w.reshape(c.n_heads, c.head_dim, c.dim),
+    # (K*H, D) -> (K, H, D)
+    "kv": lambda w, c: w.reshape(c.n_kv_heads, c.head_dim, c.dim),
     # Meta: RoPE rows interleaved -> half-split, then as above
-    "meta_q": lambda w, c: interleaved_to_half_split(w, c.n_heads).T.reshape(c.dim, c.n_heads, c.head_dim),
-    "meta_k": lambda w, c: interleaved_to_half_split(w, c.n_kv_heads).T.reshape(c.dim, c.n_kv_heads, c.head_dim),
-    # (D, N*H) -> (N, H, D)
-    "o": lambda w, c: w.T.reshape(c.n_heads, c.head_dim, c.dim),
-    # (out, in) -> (in, out)
-    "transpose": lambda w, c: w.T,
+    "meta_q": lambda w, c: interleaved_to_half_split(w, c.n_heads).reshape(c.n_heads, c.head_dim, c.dim),
+    "meta_k": lambda w, c: interleaved_to_half_split(w, c.n_kv_heads).reshape(c.n_kv_heads, c.head_dim, c.dim),
+    # (D, N*H) -> (D, N, H)
+    "o": lambda w, c: w.reshape(c.dim, c.n_heads, c.head_dim),
 }
 
 INVERSE_TRANSFORMS: dict[str, Callable[[Array, TextConfig], Array]] = {
     "identity": lambda w, c: w,
-    "q": lambda w, c: w.reshape(c.dim, c.n_heads * c.head_dim).T,
-    "kv": lambda w, c: w.reshape(c.dim, c.n_kv_heads * c.head_dim).T,
-    "meta_q": lambda w, c: half_split_to_interleaved(w.reshape(c.dim, c.n_heads * c.head_dim).T, c.n_heads),
-    "meta_k": lambda w, c: half_split_to_interleaved(w.reshape(c.dim, c.n_kv_heads * c.head_dim).T, c.n_kv_heads),
-    "o": lambda w, c: w.reshape(c.n_heads * c.head_dim, c.dim).T,
-    "transpose": lambda w, c: w.T,
+    "q": lambda w, c: w.reshape(c.n_heads * c.head_dim, c.dim),
+    "kv": lambda w, c: w.reshape(c.n_kv_heads * c.head_dim, c.dim),
+    "meta_q": lambda w, c: half_split_to_interleaved(w.reshape(c.n_heads * c.head_dim, c.dim), c.n_heads),
+    "meta_k": lambda w, c: half_split_to_interleaved(w.reshape(c.n_kv_heads * c.head_dim, c.dim), c.n_kv_heads),
+    "o": lambda w, c: w.reshape(c.dim, c.n_heads * c.head_dim),
 }
 
 _LAYER = ("layers", "{i}")
@@ -65,11 +64,11 @@ HF_TEXT: tuple[Rule, ...] = (
     Rule("model.layers.{i}.self_attn.v_proj.weight", (*_LAYER, "attention", "wv", "kernel"), "kv"),
     Rule("model.layers.{i}.self_attn.o_proj.weight", (*_LAYER, "attention", "wo", "kernel"), "o"),
     Rule("model.layers.{i}.post_attention_layernorm.weight", (*_LAYER, "ffn_norm", "weight"), "identity"),
-    Rule("model.layers.{i}.mlp.gate_proj.weight", (*_LAYER, "feed_forward", "w1", "kernel"), "transpose"),
-    Rule("model.layers.{i}.mlp.up_proj.weight", (*_LAYER, "feed_forward", "w3", "kernel"), "transpose"),
-    Rule("model.layers.{i}.mlp.down_proj.weight", (*_LAYER, "feed_forward", "w2", "kernel"), "transpose"),
+    Rule("model.layers.{i}.mlp.gate_proj.weight", (*_LAYER, "feed_forward", "w1", "kernel"), "identity"),
+    Rule("model.layers.{i}.mlp.up_proj.weight", (*_LAYER, "feed_forward", "w3", "kernel"), "identity"),
+    Rule("model.layers.{i}.mlp.down_proj.weight", (*_LAYER, "feed_forward", "w2", "kernel"), "identity"),
     Rule("model.norm.weight", ("norm", "weight"), "identity"),
-    Rule("lm_head.weight", ("lm_head",), "transpose", only_if="untied"),
+    Rule("lm_head.weight", ("lm_head",), "identity", only_if="untied"),
 )
 
 META_TEXT: tuple[Rule, ...] = (
@@ -80,11 +79,11 @@ META_TEXT: tuple[Rule, ...] = (
     Rule("layers.{i}.attention.wv.weight", (*_LAYER, "attention", "wv", "kernel"), "kv"),
     Rule("layers.{i}.attention.wo.weight", (*_LAYER, "attention", "wo", "kernel"), "o"),
     Rule("layers.{i}.ffn_norm.weight", (*_LAYER, "ffn_norm", "weight"), "identity"),
-    Rule("layers.{i}.feed_forward.w1.weight", (*_LAYER, "feed_forward", "w1", "kernel"), "transpose"),
-    Rule("layers.{i}.feed_forward.w3.weight", (*_LAYER, "feed_forward", "w3", "kernel"), "transpose"),
-    Rule("layers.{i}.feed_forward.w2.weight", (*_LAYER, "feed_forward", "w2", "kernel"), "transpose"),
+    Rule("layers.{i}.feed_forward.w1.weight", (*_LAYER, "feed_forward", "w1", "kernel"), "identity"),
+    Rule("layers.{i}.feed_forward.w3.weight", (*_LAYER, "feed_forward", "w3", "kernel"), "identity"),
+    Rule("layers.{i}.feed_forward.w2.weight", (*_LAYER, "feed_forward", "w2", "kernel"), "identity"),
     Rule("norm.weight", ("norm", "weight"), "identity"),
-    Rule("output.weight", ("lm_head",), "transpose", only_if="untied"),
+    Rule("output.weight", ("lm_head",), "identity", only_if="untied"),
 )
 
 # Source keys that carry no parameter of ours (derivable buffers), dropped on purpose.

@@ -49,31 +49,8 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def gguf_file(tmp_path_factory) -> Path:
-    src = smollm2_gguf_path()
-    link = tmp_path_factory.mktemp("smollm2") / src.name
-    link.symlink_to(src)
-    return link
-
-
-@pytest.fixture(scope="module")
 def ours(gguf_file):
     return read_gguf(gguf_file)
-
-
-@pytest.fixture(scope="module")
-def hf_model(gguf_file):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
-
-
-@pytest.fixture(scope="module")
-def hf_tokenizer(gguf_file):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
 
 
 def test_config_matches_transformers(ours, hf_model):

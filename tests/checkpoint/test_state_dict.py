@@ -63,7 +63,7 @@ def test_shape_mismatch_is_named(params):
     sd = state_dict_from_params(CFG, params, "hf")
     sd["model.layers.0.mlp.gate_proj.weight"] = np.zeros((100, 64), np.float32)
     tree = params_from_state_dict(CFG, sd, "hf")
-    with pytest.raises(CheckpointError, match=r"layers.0.feed_forward.w1.kernel: shape \(64, 100\)"):
+    with pytest.raises(CheckpointError, match=r"layers.0.feed_forward.w1.kernel: shape \(100, 64\)"):
         load_params(CFG, tree)
     sd = state_dict_from_params(CFG, params, "hf")
     sd["model.layers.0.self_attn.q_proj.weight"] = np.zeros((60, 64), np.float32)
@@ -76,12 +76,12 @@ def test_load_params_strict_both_ways(params):
     with pytest.raises(CheckpointError, match=r"missing .*norm.weight"):
         load_params(CFG, missing)
     with pytest.raises(CheckpointError, match=r"unexpected parameters .*lm_head"):
-        load_params(CFG, {**params, "lm_head": np.zeros((64, 512))})
+        load_params(CFG, {**params, "lm_head": np.zeros((512, 64))})
 
 
 def test_layouts_convert_both_ways(params):
     stacked = stack_layers(params)
-    assert stacked["layers"]["attention"]["wq"]["kernel"].shape == (2, 64, 4, 16)
+    assert stacked["layers"]["attention"]["wq"]["kernel"].shape == (2, 4, 16, 64)
     back = unstack_layers(stacked)
     np.testing.assert_array_equal(
         back["layers"][1]["feed_forward"]["w2"]["kernel"], params["layers"][1]["feed_forward"]["w2"]["kernel"]

@@ -324,8 +324,10 @@ def test_llama3_like_template_matches_transformers_and_meta_format(hf_dir, tmp_p
     assert ids == _hf_chat_ids(tmp_path, messages) == SPEC_DIALOG_IDS
     assert ids.count(128000) == 1
     assert isinstance(chat_format_for(tok), Llama3ChatFormat)  # the header tokens win over the template
-    with pytest.raises(InvalidInputError, match="bad role robot"):
+    with pytest.raises(InvalidInputError, match="unknown chat role .robot."):
         fmt.encode_dialog([{"role": "robot", "content": "x"}])
+    with pytest.raises(InvalidInputError, match="bad role tool"):  # the template's own raise_exception
+        fmt.encode_dialog([{"role": "tool", "content": "x"}])
 
 
 def test_template_date_and_errors(tmp_path, meta_tok):
