@@ -24,7 +24,7 @@ from llama32_jax.configs import (
 )
 from llama32_jax.errors import ConfigError, UnsupportedConfigError
 
-__all__ = ["from_hf_config", "from_params_json"]
+__all__ = ["FieldReader", "from_hf_config", "from_params_json"]
 
 
 def _load_json(source: str | os.PathLike | Mapping[str, Any], filename: str) -> dict[str, Any]:
@@ -45,24 +45,32 @@ def _load_json(source: str | os.PathLike | Mapping[str, Any], filename: str) -> 
     return data
 
 
-class _Fields:
-    """Pops fields off a config dict; whatever is left at the end is an unknown field and an error."""
+class FieldReader:
+    """Pops fields off a config dict; whatever is left at the end is an unknown field and an error.
 
-    def __init__(self, data: Mapping[str, Any], where: str):
+        ``error`` is the exception type raised (ConfigError for config files; the GGUF reader uses CheckpointError).
+    Messages name fields as ``key_prefix + key``.
+    """
+
+    def __init__(self, data: Mapping[str, Any], where: str, error: type[Exception] = ConfigError, key_prefix: str = ""):
         self.data = dict(data)
         self.where = where
+        self.error = error
+        self.key_prefix = key_prefix  # shown before field names in messages (GGUF: "llama.")
 
     def take(self, key: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
         if key not in self.data:
             if default is ...:
-                raise ConfigError(f"{self.where}: required field {key!r} is missing")
+                raise self.error(f"{self.where}: required field {self.key_prefix + key!r} is missing")
             return default
         value = self.data.pop(key)
         if value is None and default is None:
             return None
         # bool is an int subclass: never accept it where a number is asked for.
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in _as_tuple(types)):
-            raise ConfigError(f"{self.where}: field {key!r} must be {_type_names(types)}, got {value!r}")
+            raise self.error(
+                f"{self.where}: field {self.key_prefix + key!r} must be {_type_names(types)}, got {value!r}"
+            )
         return value
 
     def expect(self, key: str, allowed: tuple[Any, ...], why: str) -> None:
@@ -80,9 +88,9 @@ class _Fields:
 
     def finish(self) -> None:
         if self.data:
-            raise ConfigError(
-                f"{self.where}: unknown field(s) {sorted(self.data)}; refusing to guess what they mean "
-                "(llama32_jax reads every field it accepts)"
+            raise self.error(
+                f"{self.where}: unknown field(s) {sorted(self.key_prefix + k for k in self.data)}; refusing to guess "
+                "what they mean (llama32_jax reads every field it accepts)"
             )
 
 
@@ -117,7 +125,7 @@ def from_params_json(
     model. ``tie_embeddings`` likewise defaults to the published fact for the shape (1B/3B tied); the checkpoint
     converter verifies it against the tensors.
     """
-    f = _Fields(_load_json(source, "params.json"), "params.json")
+    f = FieldReader(_load_json(source, "params.json"), "params.json")
     dim = f.take("dim", int)
     n_layers = f.take("n_layers", int)
     n_heads = f.take("n_heads", int)
@@ -136,8 +144,10 @@ def from_params_json(
     n_xattn = f.take("vision_num_cross_attention_layers", int, default=-1)
     vision_model = f.take("vision_model", dict, default=None)
     if vision_model is not None:
-        vm = _Fields(vision_model, "params.json vision_model")
-        adapter = _Fields(vm.take("cross_attention_adapter", dict), "params.json vision_model.cross_attention_adapter")
+        vm = FieldReader(vision_model, "params.json vision_model")
+        adapter = FieldReader(
+            vm.take("cross_attention_adapter", dict), "params.json vision_model.cross_attention_adapter"
+        )
         n_xattn = adapter.take("num_layers", int)
         adapter.finish()
         vm.finish()
@@ -231,14 +241,14 @@ _HF_METADATA = (
 )
 
 
-def _hf_rope(f: _Fields, where: str) -> tuple[float, RopeScaling | None]:
+def _hf_rope(f: FieldReader, where: str) -> tuple[float, RopeScaling | None]:
     """RoPE from HF fields: legacy ``rope_theta`` + ``rope_scaling`` or 5.x ``rope_parameters``."""
     params = f.take("rope_parameters", dict, default=None)
     scaling = f.take("rope_scaling", dict, default=None)
     theta = f.take("rope_theta", _NUM, default=None)
     if params is not None and scaling is not None:
         raise ConfigError(f"{where}: both 'rope_parameters' and 'rope_scaling' are set; expected one")
-    rp = _Fields(params if params is not None else (scaling or {}), f"{where} rope parameters")
+    rp = FieldReader(params if params is not None else (scaling or {}), f"{where} rope parameters")
     theta_in_params = rp.take("rope_theta", _NUM, default=None)
     if theta is not None and theta_in_params is not None and float(theta) != float(theta_in_params):
         raise ConfigError(f"{where}: rope_theta {theta} disagrees with rope_parameters.rope_theta {theta_in_params}")
@@ -265,7 +275,7 @@ def _hf_rope(f: _Fields, where: str) -> tuple[float, RopeScaling | None]:
     return float(theta), out
 
 
-def _hf_text(f: _Fields, *, mllama: bool) -> TextConfig:
+def _hf_text(f: FieldReader, *, mllama: bool) -> TextConfig:
     where = f.where
     vocab = f.take("vocab_size", int)
     dim = f.take("hidden_size", int)
@@ -336,7 +346,7 @@ def _hf_text(f: _Fields, *, mllama: bool) -> TextConfig:
 
 
 def _hf_vision(data: Mapping[str, Any]) -> VisionConfig:
-    f = _Fields(data, "config.json vision_config")
+    f = FieldReader(data, "config.json vision_config")
     f.expect("model_type", ("mllama_vision_model",), "only the Mllama vision encoder exists here")
     f.expect("hidden_act", ("gelu",), "the Mllama vision MLP uses exact (erf) GELU")
     cfg = VisionConfig(
@@ -375,20 +385,20 @@ def from_hf_config(
     data = _load_json(source, "config.json")
     model_type = data.get("model_type")
     if model_type == "llama":
-        f = _Fields(data, "config.json")
+        f = FieldReader(data, "config.json")
         text = _hf_text(f, mllama=False)
         f.drop(_HF_METADATA)
         f.finish()
         return ModelConfig(name=name, text=text, scan_layers=scan_layers)
     if model_type == "mllama":
-        f = _Fields(data, "config.json")
+        f = FieldReader(data, "config.json")
         text_data = f.take("text_config", dict)
         vision_data = f.take("vision_config", dict)
         image_token = f.take("image_token_index", int)
         top_tie = f.take("tie_word_embeddings", bool, default=False)
         f.drop(_HF_METADATA)
         f.finish()
-        tf = _Fields(text_data, "config.json text_config")
+        tf = FieldReader(text_data, "config.json text_config")
         tf.expect("model_type", ("mllama_text_model",), "expected the Mllama text model")
         text = _hf_text(tf, mllama=True)
         tf.drop(_HF_METADATA)

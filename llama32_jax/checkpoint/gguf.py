@@ -27,6 +27,7 @@ import numpy as np
 
 from llama32_jax.checkpoint import keymap
 from llama32_jax.checkpoint.convert import params_from_state_dict
+from llama32_jax.config_readers import FieldReader
 from llama32_jax.configs import ModelConfig, RopeScaling, from_hf_config
 from llama32_jax.errors import CheckpointError, ConfigError
 from llama32_jax.rope import inv_frequencies
@@ -163,39 +164,13 @@ def _dequantize(tensor: Any, expected: tuple[int, ...]) -> np.ndarray:
     return np.array(values, dtype=np.float32, copy=True).reshape(shape)
 
 
-class _Meta:
-    """Pops ``llama.*`` fields; whatever is left is an unknown field and an error (as the config readers do)."""
-
-    def __init__(self, metadata: dict[str, Any], prefix: str):
-        self.prefix = prefix
-        self.data = {k[len(prefix) :]: v for k, v in metadata.items() if k.startswith(prefix)}
-
-    def take(self, key: str, types: type | tuple[type, ...], default: Any = ...) -> Any:
-        if key not in self.data:
-            if default is ...:
-                raise CheckpointError(f"GGUF metadata: required field {self.prefix + key!r} is missing")
-            return default
-        value = self.data.pop(key)
-        if not isinstance(value, types) or isinstance(value, bool):
-            raise CheckpointError(
-                f"GGUF metadata: field {self.prefix + key!r} has unsupported value {value!r} "
-                f"(expected a single {getattr(types, '__name__', types)})"
-            )
-        return value
-
-    def finish(self) -> None:
-        if self.data:
-            raise CheckpointError(
-                f"GGUF metadata: unknown field(s) {sorted(self.prefix + k for k in self.data)}; refusing to guess "
-                "what they mean"
-            )
-
-
 def _config(metadata: dict[str, Any], *, has_output: bool, name: str) -> ModelConfig:
     arch = metadata.get("general.architecture")
     if arch != "llama":
         raise CheckpointError(f"GGUF general.architecture={arch!r} is not supported; supported: 'llama'")
-    f = _Meta(metadata, "llama.")
+    prefix = "llama."
+    fields = {k[len(prefix) :]: v for k, v in metadata.items() if k.startswith(prefix)}
+    f = FieldReader(fields, "GGUF metadata", error=CheckpointError, key_prefix=prefix)
     dim = f.take("embedding_length", int)
     n_heads = f.take("attention.head_count", int)
     n_kv = f.take("attention.head_count_kv", int, default=n_heads)  # llama.cpp: absent means no GQA
