@@ -153,6 +153,10 @@ def _decode(graphdef, state, logits, cache, s: SamplingState, *, max_steps, stoc
     return out, lps, lengths, cache
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
 def _per_sequence(value, n: int, name: str) -> list:
     if isinstance(value, (list, tuple)):
         if len(value) != n:
@@ -203,9 +207,9 @@ def generate_tokens(
     """
     n = len(prompts) if isinstance(prompts, (list, tuple)) else 0
     text = model.config.text
-    max_new = [int(m) for m in _per_sequence(max_new_tokens, max(n, 1), "max_new_tokens")]
-    if any(m < 1 for m in max_new):
-        raise InvalidInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    max_new = _per_sequence(max_new_tokens, max(n, 1), "max_new_tokens")
+    if any(not _is_int(m) or m < 1 for m in max_new):
+        raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens}")
     _validate(prompts, text.vocab_size, text.max_position_embeddings, max_new)
     temps = [float(t) for t in _per_sequence(temperature, n, "temperature")]
     ks = _per_sequence(top_k, n, "top_k")
@@ -213,11 +217,11 @@ def generate_tokens(
     seeds = _per_sequence(seed, n, "seed")
     if any(not math.isfinite(t) or t < 0 for t in temps):
         raise InvalidInputError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-    if any(not isinstance(k, (int, np.integer)) or k < 0 for k in ks):
+    if any(not _is_int(k) or k < 0 for k in ks):
         raise InvalidInputError(f"top_k must be an int >= 0 (0 = off), got {top_k}")
     if any(not 0.0 < p <= 1.0 for p in ps):
         raise InvalidInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if any(not isinstance(s, (int, np.integer)) for s in seeds):
+    if any(not _is_int(s) for s in seeds):
         raise InvalidInputError(f"seed must be an int, got {seed}")
     nested = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
     stops = [list(x) for x in stop_ids] if nested else [list(stop_ids)] * n
