@@ -240,10 +240,10 @@ def load(
 ) -> Model:
     """Load a checkpoint into a :class:`Model`.
 
-    ``path`` is an HF model directory (``config.json`` + safetensors + tokenizer files) or a llama-architecture
-    ``.gguf`` file (dequantized to ``dtype``). Meta (``params.json`` + ``consolidated.*.pth``) and Orbax
-    directories, ``mesh`` sharding and ``attention_impl="pallas"`` arrive with their issues and are refused with a
-    clear error until then.
+    ``path`` is an HF model directory (``config.json`` + safetensors + tokenizer files), a Meta directory
+    (``params.json`` + ``consolidated.NN.pth`` shards + ``tokenizer.model``; text models) or a llama-architecture
+    ``.gguf`` file (dequantized to ``dtype``). Orbax directories, ``mesh`` sharding and ``attention_impl="pallas"``
+    arrive with their issues and are refused with a clear error until then.
     """
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -282,10 +282,14 @@ def load(
         tokenizer = load_tokenizer(path) if has_tok else None
         return Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json")):
-        raise CheckpointError(
-            f"{path!r} is a Meta checkpoint directory; loading Meta checkpoints arrives with the conversion issue "
-            "(python -m llama32_jax.convert). Use an HF directory for now."
-        )
+        from llama32_jax.checkpoint.meta import read_meta_params
+        from llama32_jax.tokenizer import load_tokenizer
+
+        config, params = read_meta_params(path, scan_layers=scan_layers)
+        tok_file = os.path.join(path, "tokenizer.model")
+        tokenizer = load_tokenizer(tok_file) if os.path.isfile(tok_file) else None
+        return Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path)
     raise CheckpointError(
-        f"{path!r} is not a checkpoint llama32_jax can load: expected an HF directory with config.json or a .gguf file"
+        f"{path!r} is not a checkpoint llama32_jax can load: expected an HF directory (config.json), a Meta "
+        "directory (params.json) or a .gguf file"
     )

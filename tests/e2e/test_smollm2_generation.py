@@ -112,7 +112,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(lj.errors.CheckpointError, match="not a checkpoint"):
         lj.load(tmp_path)
     (tmp_path / "params.json").write_text("{}")
-    with pytest.raises(lj.errors.CheckpointError, match="Meta checkpoint"):
+    with pytest.raises(lj.errors.CheckpointError, match="no consolidated.NN.pth"):
         lj.load(tmp_path)
     with pytest.raises(InvalidInputError, match="dtype"):
         lj.load(tmp_path, dtype="int8")
