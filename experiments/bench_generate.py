@@ -120,8 +120,9 @@ def _summarise(raw: dict, batch: int, weight_bytes: int, n_params: int) -> dict:
 def main(argv):
     del argv
     import torch
+    from transformers import LlamaConfig
 
-    from tests.refs import hf_llama_config
+    from llama32_jax.checkpoint.hf_export import hf_config_dict
 
     cfg = lj.configs.get_config(_MODEL.value)
     dtype = jnp.dtype(_DTYPE.value)
@@ -130,7 +131,7 @@ def main(argv):
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    hf = LlamaForCausalLM(hf_llama_config(cfg.text)).eval().to(torch_dtype)
+    hf = LlamaForCausalLM(LlamaConfig.from_dict(hf_config_dict(cfg))).eval().to(torch_dtype)
     ours = lj.load_params(cfg, params_from_state_dict(cfg, hf.state_dict(), "hf"), param_dtype=dtype)
     gc.collect()
     n_params = lj.param_count(ours)

@@ -15,6 +15,7 @@ Importing this package has no side effects beyond importing JAX.
 from llama32_jax import configs, errors
 from llama32_jax.api import Completion, Model, load
 from llama32_jax.cache import KVCache
+from llama32_jax.checkpoint.hf_export import export_hf
 from llama32_jax.configs import ModelConfig, RopeScaling, TextConfig, VisionConfig, from_hf_config, from_params_json
 from llama32_jax.model import abstract_model, forward, init_model, load_params, param_count
 from llama32_jax.text import Transformer
@@ -33,6 +34,7 @@ __all__ = [
     "abstract_model",
     "configs",
     "errors",
+    "export_hf",
     "forward",
     "from_hf_config",
     "from_params_json",

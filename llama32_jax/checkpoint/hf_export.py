@@ -1,0 +1,137 @@
+"""Export a text model to a Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer files).
+
+The directory is written to a temporary sibling and renamed into place only when complete, so an interrupted
+export never leaves something that looks like a finished checkpoint. Weights are written with HF names and
+torch's ``(out, in)`` layout (``state_dict_from_params``); bf16 is written exactly (safetensors ``BF16``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+from llama32_jax.checkpoint.convert import state_dict_from_params
+from llama32_jax.configs import ModelConfig
+from llama32_jax.errors import CheckpointError, InvalidInputError
+
+__all__ = ["export_hf", "hf_config_dict", "write_safetensors"]
+
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def hf_config_dict(config: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict[str, Any]:
+    """The HF ``config.json`` (``LlamaForCausalLM``) describing ``config``; ``from_hf_config`` reads it back equal."""
+    if config.is_vision:
+        raise InvalidInputError("exporting vision models to HF is not supported yet")
+    t = config.text
+    rope: dict[str, Any] | None = None
+    if t.rope_scaling is not None:
+        s = t.rope_scaling
+        rope = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.dim,
+        "intermediate_size": t.ffn_dim,
+        "num_hidden_layers": t.n_layers,
+        "num_attention_heads": t.n_heads,
+        "num_key_value_heads": t.n_kv_heads,
+        "head_dim": t.head_dim,
+        "rms_norm_eps": t.norm_eps,
+        "rope_theta": t.rope_theta,
+        "rope_scaling": rope,
+        "max_position_embeddings": t.max_position_embeddings,
+        "tie_word_embeddings": t.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": torch_dtype,
+    }
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -> None:
+    """Write a safetensors file (8-byte header size, JSON header, raw little-endian data), bf16 included."""
+    header: dict[str, Any] = {}
+    offset = 0
+    arrays = []
+    for name, value in tensors.items():
+        arr = np.ascontiguousarray(value)
+        dtype = _ST_DTYPES.get(arr.dtype.name)
+        if dtype is None:
+            raise InvalidInputError(f"tensor {name!r}: dtype {arr.dtype} cannot be exported; use {sorted(_ST_DTYPES)}")
+        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        arrays.append(arr)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for arr in arrays:
+            f.write(arr.tobytes())
+
+
+def export_hf(
+    model: Any,
+    output: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` (an ``llama32_jax.Model`` or a text ``Transformer`` module) as an HF directory.
+
+    Tokenizer files are copied from ``tokenizer_dir`` (default: the model's source directory, when it was an HF
+    directory). An existing ``output`` is refused unless ``overwrite``. Returns the output path.
+    """
+    import ml_dtypes
+
+    module = getattr(model, "module", model)
+    config: ModelConfig = module.config
+    if dtype not in _ST_DTYPES:
+        raise InvalidInputError(f"dtype must be one of {sorted(_ST_DTYPES)}, got {dtype!r}")
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise CheckpointError(f"output directory {str(out)!r} already exists; pass overwrite=True to replace it")
+    if tokenizer_dir is None and getattr(model, "source", None) and os.path.isdir(model.source):
+        tokenizer_dir = model.source
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    if config.scan_layers:
+        from llama32_jax.text import unstack_layers
+
+        params = unstack_layers(params)
+    tensors = {k: np.asarray(v).astype(np_dtype) for k, v in state_dict_from_params(config, params, "hf").items()}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype=dtype), indent=2) + "\n")
+        write_safetensors(tmp / "model.safetensors", tensors)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                src = Path(tokenizer_dir) / name
+                if src.is_file():
+                    shutil.copy(src, tmp / name)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
