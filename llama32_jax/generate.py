@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from llama32_jax.cache import KVCache
 from llama32_jax.errors import InvalidInputError
@@ -122,7 +123,7 @@ def _decode(graphdef, state, logits, cache, s: SamplingState, *, max_steps, stoc
 
     def emit(step, tok, done):
         if stream is not None:
-            jax.experimental.io_callback(stream, None, step, tok, done, ordered=True)
+            io_callback(stream, None, step, tok, done, ordered=True)
 
     tok = sample(logits, s, jnp.int32(0), stochastic=stochastic, filtered=filtered)
     out = jnp.zeros((b, max_steps), jnp.int32).at[:, 0].set(tok)

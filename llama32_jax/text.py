@@ -174,8 +174,11 @@ def check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int) ->
         )
     if cache.batch_size != batch:
         raise InvalidInputError(f"tokens have batch {batch} but the cache was built for batch {cache.batch_size}")
-    if not isinstance(cache.index, jax.core.Tracer):
+    try:
         used = int(cache.index)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        used = None  # traced (inside jit): the caller validated it before tracing
+    if used is not None:
         if used + length > cache.max_len:
             raise InvalidInputError(
                 f"{length} new tokens do not fit the cache: {used} of {cache.max_len} slots are used"
