@@ -147,7 +147,7 @@ class Model:
 
     def _get_chat_format(self):
         if self._chat_format is None:
-            from llama32_jax.tokenizer import chat_format_for
+            from llama32_jax.chat_format import chat_format_for
 
             self._chat_format = chat_format_for(self._require_tokenizer())
         return self._chat_format

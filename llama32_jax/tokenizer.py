@@ -425,15 +425,6 @@ class HFTokenizer:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def __getattr__(name: str) -> Any:
-    # The chat formats live in llama32_jax.chat_format (which imports this module); reachable from here too.
-    if name in ("Llama3ChatFormat", "TemplateChatFormat", "chat_format_for"):
-        from llama32_jax import chat_format
-
-        return getattr(chat_format, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def load_tokenizer(path: str | Path) -> LlamaTokenizer | HFTokenizer:
     """Load the tokenizer at ``path``: a directory, a ``tokenizer.json`` or a Llama 3 ``tokenizer.model``.
 
