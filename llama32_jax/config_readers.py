@@ -8,6 +8,7 @@ nothing that changes the computation is ever guessed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -24,7 +25,7 @@ from llama32_jax.configs import (
 )
 from llama32_jax.errors import ConfigError, UnsupportedConfigError
 
-__all__ = ["FieldReader", "from_hf_config", "from_params_json"]
+__all__ = ["FieldReader", "config_from_dict", "config_to_dict", "from_hf_config", "from_params_json"]
 
 
 def _load_json(source: str | os.PathLike | Mapping[str, Any], filename: str) -> dict[str, Any]:
@@ -413,3 +414,46 @@ def from_hf_config(
     raise UnsupportedConfigError(
         f"config.json: model_type {model_type!r} is not supported; supported: 'llama', 'mllama'"
     )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Our own JSON form (stored beside converted checkpoints): every dataclass field, nothing else.
+
+
+def config_to_dict(config: ModelConfig) -> dict[str, Any]:
+    """``config`` as a JSON-ready dict (tuples become lists); :func:`config_from_dict` inverts it exactly."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def _dataclass_from(cls: type, data: Any, where: str, nested: dict[str, Any]) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown, missing = sorted(set(data) - names), sorted(names - set(data))
+    if unknown or missing:
+        problems = [f"unknown field(s) {unknown}"] * bool(unknown) + [f"missing field(s) {missing}"] * bool(missing)
+        raise ConfigError(f"{where}: {', '.join(problems)}")
+    values = {}
+    for key, value in data.items():
+        if key in nested:
+            values[key] = None if value is None else nested[key](value, f"{where}.{key}")
+        elif isinstance(value, list):  # tuple fields (intermediate layers, aspect ratios)
+            values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        else:
+            values[key] = value
+    return cls(**values)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> ModelConfig:
+    """Rebuild a :class:`ModelConfig` from :func:`config_to_dict`'s output; any unknown or missing field is an error."""
+
+    def rope(d, where):
+        return _dataclass_from(RopeScaling, d, where, {})
+
+    def text(d, where):
+        return _dataclass_from(TextConfig, d, where, {"rope_scaling": rope})
+
+    def vision(d, where):
+        return _dataclass_from(VisionConfig, d, where, {})
+
+    return _dataclass_from(ModelConfig, data, "config", {"text": text, "vision": vision})

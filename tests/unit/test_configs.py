@@ -227,3 +227,18 @@ def test_named_constants_and_lookup():
     for cfg in configs.CONFIGS.values():
         with pytest.raises(AttributeError):
             cfg.name = "x"  # frozen
+
+
+def test_json_form_round_trips_every_named_config():
+    from llama32_jax.config_readers import config_from_dict, config_to_dict
+
+    for cfg in [*configs.CONFIGS.values(), configs.TINY_TEXT.replace(scan_layers=True)]:
+        data = json.loads(json.dumps(config_to_dict(cfg)))
+        assert config_from_dict(data) == cfg
+    data = config_to_dict(configs.LLAMA_3_2_1B)
+    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['sliding_window'\]"):
+        config_from_dict({**data, "text": {**data["text"], "sliding_window": 4096}})
+    with pytest.raises(ConfigError, match=r"rope_scaling: missing field\(s\) \['factor', 'high_freq_factor'"):
+        config_from_dict({**data, "text": {**data["text"], "rope_scaling": {"low_freq_factor": 1.0}}})
+    with pytest.raises(ConfigError, match="n_heads"):
+        config_from_dict({**data, "text": {**data["text"], "n_heads": 7}})
