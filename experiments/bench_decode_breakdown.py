@@ -11,8 +11,6 @@ norms, RoPE, embedding, dispatch). Writes JSON.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import time
 
 import jax
@@ -22,6 +20,7 @@ from absl import app, flags
 from flax import nnx
 
 import llama32_jax as lj
+from experiments.results_io import machine, write_result
 
 _MODEL = flags.DEFINE_string("model", "Llama-3.2-1B", "named config (random weights)")
 _BATCH = flags.DEFINE_list("batch", ["1", "16"], "batch sizes")
@@ -99,16 +98,13 @@ def main(argv):
         "benchmark": "bench_decode_breakdown",
         "command": f"python -m experiments.bench_decode_breakdown --model={_MODEL.value} "
         f"--batch={','.join(_BATCH.value)} --steps={_STEPS.value} --cache_len={_CACHE.value}",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
+        "machine": machine(),
         "jax": jax.__version__,
         "model": cfg.name,
         "dtype": "float32",
         "results": rows,
     }
-    out = _OUT.value or os.path.join(os.path.dirname(__file__), "results", f"bench_decode_breakdown_{cfg.name}.json")
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-    print("wrote", out)
+    write_result(record, f"bench_decode_breakdown_{cfg.name}.json", _OUT.value)
 
 
 if __name__ == "__main__":

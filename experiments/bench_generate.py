@@ -13,9 +13,6 @@ and of the compute floor at larger batches (2 x params FLOP per token / --peak_g
 from __future__ import annotations
 
 import gc
-import json
-import os
-import platform
 import time
 
 import jax
@@ -24,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 import llama32_jax as lj
+from experiments.results_io import machine, write_result
 from llama32_jax.checkpoint import params_from_state_dict
 from llama32_jax.generate import _prefill, bucket, generate_tokens
 
@@ -166,7 +164,7 @@ def main(argv):
         "command": "python -m experiments.bench_generate "
         + " ".join(f"--{f}={getattr(flags.FLAGS, f)}" for f in ("model", "dtype", "prompt_len", "n1", "n2", "repeats"))
         + f" --batch={','.join(_BATCH.value)}",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
+        "machine": machine(),
         "versions": {
             "jax": jax.__version__,
             "torch": torch.__version__,
@@ -177,13 +175,7 @@ def main(argv):
         "floors": {"bandwidth_gbs": _BW.value, "peak_gflops": _PEAK.value},
         "results": results,
     }
-    out = _OUT.value or os.path.join(
-        os.path.dirname(__file__), "results", f"bench_generate_{cfg.name}_{dtype.name}.json"
-    )
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-    print("wrote", out)
+    write_result(record, f"bench_generate_{cfg.name}_{dtype.name}.json", _OUT.value)
 
 
 if __name__ == "__main__":

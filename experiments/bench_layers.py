@@ -11,9 +11,6 @@ For each layout it compiles one single-token decode step against a KV cache, run
 from __future__ import annotations
 
 import gc
-import json
-import os
-import platform
 import time
 
 import jax
@@ -23,6 +20,7 @@ from absl import app, flags
 from flax import nnx
 
 import llama32_jax as lj
+from experiments.results_io import machine, write_result
 from llama32_jax.text import stack_layers
 
 _MODEL = flags.DEFINE_string("model", "Llama-3.2-1B", "named config")
@@ -113,17 +111,13 @@ def main(argv):
                 ("dtype", _DTYPE.value),
             ]
         ),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, {jax.devices()[0].device_kind}",
+        "machine": machine(),
         "jax": jax.__version__,
         "model": cfg.name,
         "dtype": dtype.name,
         "results": results,
     }
-    out = _OUT.value or os.path.join(os.path.dirname(__file__), "results", f"bench_layers_{cfg.name}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
-    print("wrote", out)
+    write_result(record, f"bench_layers_{cfg.name}.json", _OUT.value)
 
 
 if __name__ == "__main__":
