@@ -13,7 +13,7 @@ from flax import nnx
 
 from llama32_jax.configs import ModelConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError
-from llama32_jax.generate import GenerationOutput, generate_tokens
+from llama32_jax.generate import GenerationOutput, generate_tokens, stops_per_sequence
 from llama32_jax.model import forward, load_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
@@ -203,8 +203,7 @@ class _TextStreamer:
 
     def __init__(self, tokenizer, callback, n: int, stop_ids):
         self.tokenizer, self.callback = tokenizer, callback
-        nested = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
-        self.stops = [set(s) for s in stop_ids] if nested else [set(stop_ids)] * n
+        self.stops = [set(s) for s in stops_per_sequence(stop_ids, n)]
         self.tokens: list[list[int]] = [[] for _ in range(n)]
         self.sent = [""] * n
         self.finished = [False] * n

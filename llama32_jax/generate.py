@@ -168,6 +168,15 @@ def _per_sequence(value, n: int, name: str) -> list:
     return [value] * n
 
 
+def stops_per_sequence(stop_ids: Sequence[int] | Sequence[Sequence[int]], n: int) -> list[list[int]]:
+    """``stop_ids`` as one list per sequence: it is either one list shared by all ``n`` or ``n`` lists."""
+    nested = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
+    stops = [list(x) for x in stop_ids] if nested else [list(stop_ids)] * n
+    if len(stops) != n:
+        raise InvalidInputError(f"stop_ids has {len(stops)} lists for {n} prompts")
+    return stops
+
+
 def _validate(prompts, vocab: int, context: int, max_new: list[int]) -> None:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InvalidInputError("prompts must be a non-empty list of token-id lists")
@@ -224,10 +233,7 @@ def generate_tokens(
         raise InvalidInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if any(not _is_int(s) for s in seeds):
         raise InvalidInputError(f"seed must be an int, got {seed}")
-    nested = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
-    stops = [list(x) for x in stop_ids] if nested else [list(stop_ids)] * n
-    if len(stops) != n:
-        raise InvalidInputError(f"stop_ids has {len(stops)} lists for {n} prompts")
+    stops = stops_per_sequence(stop_ids, n)
 
     lengths = [len(p) for p in prompts]
     width = bucket(max(lengths))
