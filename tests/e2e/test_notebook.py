@@ -6,13 +6,16 @@ import os
 import sys
 from pathlib import Path
 
-import nbformat
-from nbclient import NotebookClient
+from tests.conftest import require
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "experiments" / "notebooks" / "batch_inference.ipynb"
 
 
 def test_batch_inference_notebook_runs(tmp_path):
+    require("nbclient")
+    import nbformat
+    from nbclient import NotebookClient
+
     nb = nbformat.read(NOTEBOOK, as_version=4)
     env_path = os.path.dirname(sys.executable)
     os.environ["PATH"] = env_path + os.pathsep + os.environ.get("PATH", "")
