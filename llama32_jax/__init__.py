@@ -3,7 +3,8 @@
 The public surface (see README.md)::
 
     import llama32_jax as lj
-    model = lj.load("path/to/hf_dir_or.gguf", dtype="bfloat16")  # -> Model: .generate, .chat, .logits, .tokenizer
+    model = lj.load("path/to/checkpoint", dtype="bfloat16")   # Orbax, HF or Meta dir, or .gguf -> Model
+    lj.convert("meta_or_hf_dir", "orbax_dir")          # streaming, atomic (also: python -m llama32_jax.convert)
     outs = model.generate(["Why is the sky blue?"], max_new_tokens=64, temperature=0.0)
     cfg = lj.configs.LLAMA_3_2_1B                      # named configs, strict readers of params.json / config.json
     module = lj.init_model(lj.configs.TINY_TEXT)       # an NNX module with random weights
@@ -16,6 +17,7 @@ from llama32_jax import configs, errors
 from llama32_jax.api import Completion, Model, load
 from llama32_jax.cache import KVCache
 from llama32_jax.checkpoint.hf_export import export_hf
+from llama32_jax.checkpoint.pipeline import convert
 from llama32_jax.configs import ModelConfig, RopeScaling, TextConfig, VisionConfig, from_hf_config, from_params_json
 from llama32_jax.model import abstract_model, forward, init_model, load_params, param_count
 from llama32_jax.text import Transformer
@@ -33,6 +35,7 @@ __all__ = [
     "VisionConfig",
     "abstract_model",
     "configs",
+    "convert",
     "errors",
     "export_hf",
     "forward",

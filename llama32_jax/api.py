@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llama32_jax.checkpoint.orbax_ckpt import is_converted_checkpoint
 from llama32_jax.configs import ModelConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.generate import GenerationOutput, generate_tokens, stops_per_sequence
@@ -239,10 +240,11 @@ def load(
 ) -> Model:
     """Load a checkpoint into a :class:`Model`.
 
-    ``path`` is an HF model directory (``config.json`` + safetensors + tokenizer files), a Meta directory
-    (``params.json`` + ``consolidated.NN.pth`` shards + ``tokenizer.model``; text models) or a llama-architecture
-    ``.gguf`` file (dequantized to ``dtype``). Orbax directories, ``mesh`` sharding and ``attention_impl="pallas"``
-    arrive with their issues and are refused with a clear error until then.
+    ``path`` is a converted Orbax directory (``llama32_jax.convert``; restored straight to the device), an HF
+    model directory (``config.json`` + safetensors + tokenizer files), a Meta directory (``params.json`` +
+    ``consolidated.NN.pth`` shards + ``tokenizer.model``; text models) or a llama-architecture ``.gguf`` file
+    (dequantized to ``dtype``). ``mesh`` sharding and ``attention_impl="pallas"`` arrive with their issues and
+    are refused with a clear error until then.
     """
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -271,6 +273,15 @@ def load(
             add_bos=ckpt.add_bos,
         )
         return Model(load_params(config, ckpt.params, param_dtype=param_dtype), tokenizer, source=path)
+    if os.path.isdir(path) and is_converted_checkpoint(path):
+        from llama32_jax.checkpoint.orbax_ckpt import restore_params
+        from llama32_jax.tokenizer import load_tokenizer
+
+        config, params = restore_params(path, param_dtype=param_dtype)
+        config = config.replace(scan_layers=scan_layers)
+        has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
+        tokenizer = load_tokenizer(path) if has_tok else None
+        return Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         from llama32_jax.checkpoint.hf import read_hf_params
         from llama32_jax.tokenizer import load_tokenizer
@@ -289,6 +300,6 @@ def load(
         tokenizer = load_tokenizer(tok_file) if os.path.isfile(tok_file) else None
         return Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path)
     raise CheckpointError(
-        f"{path!r} is not a checkpoint llama32_jax can load: expected an HF directory (config.json), a Meta "
-        "directory (params.json) or a .gguf file"
+        f"{path!r} is not a checkpoint llama32_jax can load: expected a converted directory (llama32_jax.json), an "
+        "HF directory (config.json), a Meta directory (params.json) or a .gguf file"
     )

@@ -39,55 +39,81 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
     node[path[-1]] = value
 
 
-def params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any], fmt: str) -> dict:
-    """Convert a text-model state dict in format ``"meta"`` or ``"hf"`` into our per-layer parameter tree."""
-    if fmt not in keymap.TABLES:
-        raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {sorted(keymap.TABLES)}")
-    if config.is_vision:
-        raise CheckpointError("vision checkpoints are converted by the vision key tables (not yet available)")
-    text = config.text
-    tied = text.tie_embeddings
-    tree: dict = {}
-    for key, value in state_dict.items():
-        if key in keymap.IGNORED[fmt]:
-            continue
-        if tied and key == keymap.TIED_HEAD_KEY[fmt]:
-            embed = state_dict.get(keymap.EMBED_KEY[fmt])
-            if embed is None or not np.array_equal(to_numpy(value), to_numpy(embed)):
-                raise CheckpointError(
-                    f"{key!r} differs from {keymap.EMBED_KEY[fmt]!r} but the config ties the output head to the "
-                    "embedding; load with tie_embeddings=False"
-                )
-            continue
-        found = keymap.match(fmt, key)
-        if found is None or (found[0].only_if == "untied" and tied):
+class TensorMapper:
+    """Maps source tensors one at a time onto our per-layer parameter paths, strictly (used when streaming).
+
+    ``map(key, value)`` checks the key against the ``fmt`` key table and the tensor's shape against the config,
+    applies the table's transform, and returns ``(path, array)``, or None for a key dropped on purpose (derived
+    buffers such as ``rope.freqs``, and the output head of a tied model: its equality with the embedding is the
+    caller's to check, see :attr:`tied_head_key`). A key that names no parameter, a second tensor for a filled
+    parameter, a layer index out of range and a shape mismatch are :class:`CheckpointError` naming the key;
+    ``finish()`` names the first parameter no tensor filled.
+    """
+
+    def __init__(self, config: ModelConfig, fmt: str):
+        if fmt not in keymap.TABLES:
+            raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {sorted(keymap.TABLES)}")
+        if config.is_vision:
+            raise CheckpointError("vision checkpoints are converted by the vision key tables (not yet available)")
+        self.config, self.fmt = config, fmt
+        self.tied = config.text.tie_embeddings
+        self.tied_head_key = keymap.TIED_HEAD_KEY[fmt] if self.tied else None
+        self.embed_key = keymap.EMBED_KEY[fmt]
+        self._filled: set[tuple] = set()
+
+    def map(self, key: str, value: Any) -> tuple[tuple, np.ndarray] | None:
+        text = self.config.text
+        if key in keymap.IGNORED[self.fmt] or key == self.tied_head_key:
+            return None
+        found = keymap.match(self.fmt, key)
+        if found is None or (found[0].only_if == "untied" and self.tied):
             raise CheckpointError(
-                f"unexpected key {key!r} in the {fmt} checkpoint: no parameter of {config.name} uses it"
+                f"unexpected key {key!r} in the {self.fmt} checkpoint: no parameter of {self.config.name} uses it"
             )
         rule, layer = found
         if layer is not None and not 0 <= layer < text.n_layers:
             raise CheckpointError(f"key {key!r}: layer {layer} is out of range for {text.n_layers} layers")
         array = to_numpy(value)
-        try:
-            converted = keymap.TRANSFORMS[rule.transform](array, text)
-        except ValueError as e:
-            raise CheckpointError(f"key {key!r}: shape {array.shape} does not fit {config.name}: {e}") from e
-        _set(tree, keymap.target_path(rule, layer), converted)
-    _check_complete(config, tree, fmt)
+        expected = keymap.source_shape(rule, text)
+        if tuple(array.shape) != expected:
+            raise CheckpointError(
+                f"key {key!r}: shape {tuple(array.shape)} does not match {self.config.name}, which needs {expected}"
+            )
+        path = keymap.target_path(rule, layer)
+        if path in self._filled:
+            raise CheckpointError(f"two source tensors map to parameter {'.'.join(map(str, path))} (last: {key!r})")
+        self._filled.add(path)
+        return path, keymap.TRANSFORMS[rule.transform](array, text)
+
+    def finish(self) -> None:
+        """Raise :class:`CheckpointError` naming the first source key that no tensor supplied."""
+        text = self.config.text
+        for rule in keymap.TABLES[self.fmt]:
+            if rule.only_if == "untied" and self.tied:
+                continue
+            for layer in range(text.n_layers) if "{i}" in rule.source else [None]:
+                if keymap.target_path(rule, layer) not in self._filled:
+                    raise CheckpointError(f"the {self.fmt} checkpoint has no {keymap.source_key(rule, layer)!r}")
+
+
+def params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any], fmt: str) -> dict:
+    """Convert a text-model state dict in format ``"meta"`` or ``"hf"`` into our per-layer parameter tree."""
+    mapper = TensorMapper(config, fmt)
+    head = mapper.tied_head_key
+    if head is not None and head in state_dict:
+        embed = state_dict.get(mapper.embed_key)
+        if embed is None or not np.array_equal(to_numpy(state_dict[head]), to_numpy(embed)):
+            raise CheckpointError(
+                f"{head!r} differs from {mapper.embed_key!r} but the config ties the output head to the "
+                "embedding; load with tie_embeddings=False"
+            )
+    tree: dict = {}
+    for key, value in state_dict.items():
+        mapped = mapper.map(key, value)
+        if mapped is not None:
+            _set(tree, *mapped)
+    mapper.finish()
     return tree
-
-
-def _check_complete(config: ModelConfig, tree: dict, fmt: str) -> None:
-    text = config.text
-    for rule in keymap.TABLES[fmt]:
-        if rule.only_if == "untied" and text.tie_embeddings:
-            continue
-        for layer in range(text.n_layers) if "{i}" in rule.source else [None]:
-            node: Any = tree
-            for part in keymap.target_path(rule, layer):
-                node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
-                raise CheckpointError(f"the {fmt} checkpoint has no {keymap.source_key(rule, layer)!r}")
 
 
 def state_dict_from_params(config: ModelConfig, params: Mapping, fmt: str) -> dict[str, np.ndarray]:

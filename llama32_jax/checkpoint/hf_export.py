@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from flax import nnx
 
 from llama32_jax.checkpoint.convert import state_dict_from_params
 from llama32_jax.configs import ModelConfig
-from llama32_jax.errors import CheckpointError, InvalidInputError
+from llama32_jax.errors import InvalidInputError
 
 __all__ = ["export_hf", "hf_config_dict", "write_safetensors"]
 
@@ -105,9 +104,9 @@ def export_hf(
     config: ModelConfig = module.config
     if dtype not in _ST_DTYPES:
         raise InvalidInputError(f"dtype must be one of {sorted(_ST_DTYPES)}, got {dtype!r}")
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise CheckpointError(f"output directory {str(out)!r} already exists; pass overwrite=True to replace it")
+    from llama32_jax.checkpoint.pipeline import atomic_directory, check_output
+
+    out = check_output(output, overwrite=overwrite)
     if tokenizer_dir is None and getattr(model, "source", None) and os.path.isdir(model.source):
         tokenizer_dir = model.source
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
@@ -118,9 +117,7 @@ def export_hf(
         params = unstack_layers(params)
     tensors = {k: np.asarray(v).astype(np_dtype) for k, v in state_dict_from_params(config, params, "hf").items()}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_directory(out, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype=dtype), indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", tensors)
         if tokenizer_dir is not None:
@@ -128,10 +125,4 @@ def export_hf(
                 src = Path(tokenizer_dir) / name
                 if src.is_file():
                     shutil.copy(src, tmp / name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -83,37 +83,138 @@ def _open_shard(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read the checkpoint (truncated or corrupt?): {e}") from e
     if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
         raise CheckpointError(f"{path}: expected a dict of named tensors, got {type(state).__name__}")
+    bad = [k for k, v in state.items() if not hasattr(v, "detach")]
+    if bad:
+        raise CheckpointError(f"{path}: entry {bad[0]!r} is a {type(state[bad[0]]).__name__}, not a tensor")
     return state
 
 
-def iter_meta_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(meta_key, merged numpy array)`` one tensor at a time, merging the shards by SPEC §8.4."""
-    files = meta_shard_files(directory)
-    shards = [_open_shard(f) for f in files]
-    keys = list(shards[0])
-    for i, s in enumerate(shards[1:], start=1):
-        if set(s) != set(keys):
-            diff = sorted(set(s) ^ set(keys))
-            raise CheckpointError(f"{files[i]}: its keys differ from {files[0].name}'s: {diff[:6]}")
-    for key in keys:
-        parts = [to_numpy(s[key]) for s in shards]
-        if len(parts) == 1:
-            yield key, parts[0]
-            continue
+# How many bytes of tensor data may be paged in through the shards' memory maps before they are dropped and
+# reopened. Pages read through a map count towards the process's RSS until it is unmapped, so this bounds the
+# file-backed part of the converter's footprint (reopening costs one unpickling of the small index pickle).
+DEFAULT_MAP_BUDGET = 512 * 2**20
+
+
+class MetaShards:
+    """The ``consolidated.NN.pth`` shards of one checkpoint, read tensor by tensor with a bounded footprint.
+
+    Each file is opened with ``torch.load(weights_only=True, mmap=True)``: the pickle may only build tensors (one
+    that would run code is refused, not executed), and tensor data stays on disk until read. After
+    ``map_budget`` bytes have been read the maps are dropped and reopened, so resident file pages stay bounded
+    however large the checkpoint is. :meth:`tensor` merges a key's shards by SPEC.md §8.4.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, map_budget: int = DEFAULT_MAP_BUDGET):
+        self.files = meta_shard_files(directory)
+        self.map_budget = map_budget
+        self._states: list[dict[str, Any]] | None = None
+        self._read = 0
+        states = self._open()
+        self.keys: list[str] = list(states[0])
+        for i, state in enumerate(states[1:], start=1):
+            if set(state) != set(self.keys):
+                diff = sorted(set(state) ^ set(self.keys))
+                raise CheckpointError(f"{self.files[i]}: its keys differ from {self.files[0].name}'s: {diff[:6]}")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.nbytes: dict[str, int] = {}
+        for key in self.keys:
+            parts = [s[key] for s in states]
+            self.shapes[key] = self._merged_shape(key, [tuple(p.shape) for p in parts])
+            self.nbytes[key] = sum(p.numel() * p.element_size() for p in parts)
+        self.release()
+
+    def _merged_shape(self, key: str, shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
+        if len(shapes) == 1:
+            return shapes[0]
         dim = shard_dim(key)
         if dim is None:
-            for i, p in enumerate(parts[1:], start=1):
-                if p.shape != parts[0].shape or not np.array_equal(p, parts[0]):
-                    raise CheckpointError(
-                        f"{key!r} should be replicated but differs between shard 0 and {files[i].name}"
-                    )
-            yield key, parts[0]
+            if len(set(shapes)) != 1:
+                raise CheckpointError(f"{key!r} should be replicated but its shard shapes differ: {shapes}")
+            return shapes[0]
+        rest = {s[:dim] + s[dim + 1 :] for s in shapes if len(s) > dim}
+        if len(rest) != 1 or any(len(s) <= dim for s in shapes):
+            raise CheckpointError(f"{key!r}: shard shapes {shapes} do not concatenate along dim {dim}")
+        first = shapes[0]
+        return (*first[:dim], sum(s[dim] for s in shapes), *first[dim + 1 :])
+
+    def _open(self) -> list[dict[str, Any]]:
+        if self._states is None:
+            self._states = [_open_shard(f) for f in self.files]
+            self._read = 0
+        return self._states
+
+    def release(self) -> None:
+        """Drop the memory maps (they are reopened on the next read)."""
+        self._states = None
+
+    def parts(self, key: str) -> list[np.ndarray]:
+        """The shards' slices of ``key`` as numpy views onto the maps (no copy)."""
+        states = self._open()
+        try:
+            return [to_numpy(s[key]) for s in states]
+        except RuntimeError as e:  # e.g. a storage whose bytes the (truncated) file does not hold
+            raise CheckpointError(f"cannot read tensor {key!r} from {self.files[0].parent}: {e}") from e
+
+    def tensor(self, key: str) -> np.ndarray:
+        """``key`` merged across shards: a view onto the map for one shard, else a new concatenated array."""
+        parts = self.parts(key)
+        if len(parts) == 1:
+            merged = parts[0]
         else:
-            try:
-                yield key, np.concatenate(parts, axis=dim)
-            except ValueError as e:
-                shapes = [p.shape for p in parts]
-                raise CheckpointError(f"{key!r}: shard shapes {shapes} do not concatenate along dim {dim}") from e
+            dim = shard_dim(key)
+            if dim is None:
+                for i, p in enumerate(parts[1:], start=1):
+                    if not np.array_equal(p, parts[0]):
+                        raise CheckpointError(
+                            f"{key!r} should be replicated but differs between shard 0 and {self.files[i].name}"
+                        )
+                merged = np.array(parts[0])
+            else:
+                merged = np.concatenate(parts, axis=dim)
+        del parts
+        self._read += self.nbytes[key]
+        if self._read >= self.map_budget:
+            self.release()
+        return merged
+
+    def equal(self, key_a: str, key_b: str, *, chunk_bytes: int = 64 * 2**20) -> bool:
+        """Whether two tensors hold equal values, compared shard by shard in row chunks (no full copies)."""
+        if self.shapes[key_a] != self.shapes[key_b]:
+            return False
+        try:
+            for a, b in zip(self.parts(key_a), self.parts(key_b), strict=True):
+                if a.shape != b.shape:
+                    return False
+                rows = max(1, chunk_bytes // max(1, a[:1].nbytes))
+                for r in range(0, a.shape[0], rows):
+                    if not np.array_equal(a[r : r + rows], b[r : r + rows]):
+                        return False
+            return True
+        finally:
+            self.release()
+
+
+def iter_meta_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(meta_key, merged numpy array)`` one tensor at a time, merging the shards by SPEC.md §8.4."""
+    shards = MetaShards(directory)
+    for key in shards.keys:
+        yield key, shards.tensor(key)
+
+
+def read_params_json(root: Path) -> dict:
+    """``params.json`` of a Meta directory as a dict (missing or unreadable: a typed error naming the file)."""
+    if not root.is_dir():
+        raise CheckpointError(f"Meta checkpoint directory {str(root)!r} does not exist")
+    path = root / "params.json"
+    if not path.is_file():
+        raise CheckpointError(f"{root}: params.json is missing (not a Meta checkpoint directory?)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read it as JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_meta_params(
@@ -129,14 +230,7 @@ def read_meta_params(
     (Llama 3.2 1B/3B), untied otherwise (e.g. Llama Guard 3 1B). ``rope_factor`` as in ``from_params_json``.
     """
     root = Path(directory)
-    if not root.is_dir():
-        raise CheckpointError(f"Meta checkpoint directory {str(root)!r} does not exist")
-    if not (root / "params.json").is_file():
-        raise CheckpointError(f"{root}: params.json is missing (not a Meta checkpoint directory?)")
-    try:
-        params_json = json.loads((root / "params.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{root / 'params.json'}: cannot read it as JSON: {e}") from e
+    params_json = read_params_json(root)
     tensors = dict(iter_meta_tensors(root))
     if tie_embeddings is None and "output.weight" in tensors and "tok_embeddings.weight" in tensors:
         tie_embeddings = bool(np.array_equal(tensors["output.weight"], tensors["tok_embeddings.weight"]))

@@ -62,7 +62,10 @@ def test_tied_head_must_equal_embedding(params):
 def test_shape_mismatch_is_named(params):
     sd = state_dict_from_params(CFG, params, "hf")
     sd["model.layers.0.mlp.gate_proj.weight"] = np.zeros((100, 64), np.float32)
-    tree = params_from_state_dict(CFG, sd, "hf")
+    with pytest.raises(CheckpointError, match=r"'model.layers.0.mlp.gate_proj.weight': shape \(100, 64\)"):
+        params_from_state_dict(CFG, sd, "hf")
+    tree = params_from_state_dict(CFG, state_dict_from_params(CFG, params, "hf"), "hf")
+    tree["layers"][0]["feed_forward"]["w1"]["kernel"] = np.zeros((100, 64), np.float32)
     with pytest.raises(CheckpointError, match=r"layers.0.feed_forward.w1.kernel: shape \(100, 64\)"):
         load_params(CFG, tree)
     sd = state_dict_from_params(CFG, params, "hf")

@@ -1,0 +1,316 @@
+"""Streaming conversion of Meta and HF checkpoint directories into our Orbax checkpoints (``llama32_jax.convert``).
+
+The converter never holds the model: it reads one tensor at a time (Meta shards merged by SPEC.md §8.4 through
+bounded memory maps, HF safetensors file by file), maps it through the key tables (strict: an unused source key,
+a shape mismatch or an unfilled parameter is a :class:`~llama32_jax.errors.CheckpointError` naming the key),
+casts it, and hands it to an Orbax writer that flushes every few hundred MB. Peak host memory is therefore a small
+multiple of the largest tensor, whatever the model size (``experiments/bench_convert.py`` measures it).
+
+Everything is written inside a temporary sibling of the output (``.<name>.converting-<pid>-<id>``), which is
+renamed into place only when complete: an interrupted or failed run leaves no output directory, and its temporary
+directory is removed on failure, or by the next run once the process that made it is gone (after a SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from llama32_jax.checkpoint.convert import TensorMapper
+from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, PARAMS_DIR, ParamWriter, write_manifest
+from llama32_jax.configs import ModelConfig
+from llama32_jax.errors import CheckpointError, InvalidInputError
+
+DTYPES = ("bfloat16", "float32", "float16")
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>converting|replaced)-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+@dataclass
+class Source:
+    """A checkpoint to convert: its format, config, tensor index and a one-pass tensor stream."""
+
+    fmt: str  # "meta" | "hf"
+    path: Path
+    config: ModelConfig
+    nbytes: dict[str, int]
+    tensors: Callable[[], Iterator[tuple[str, np.ndarray]]]
+    tokenizer_files: list[Path] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.nbytes.values())
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """``"meta"`` (params.json), ``"hf"`` (config.json), ``"orbax"`` (our manifest) or ``"gguf"`` (a .gguf file)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return "gguf"
+        raise CheckpointError(f"{str(p)!r} is a file; expected a checkpoint directory (Meta, HF or converted Orbax)")
+    if (p / MANIFEST).is_file():
+        return "orbax"
+    if (p / "params.json").is_file():
+        return "meta"
+    if (p / "config.json").is_file():
+        return "hf"
+    if any(p.glob("consolidated*.pth")):
+        raise CheckpointError(f"{str(p)!r} holds consolidated*.pth shards but no params.json (Meta's config)")
+    if any(p.glob("*.safetensors")):
+        raise CheckpointError(f"{str(p)!r} holds safetensors files but no config.json (HF's config)")
+    raise CheckpointError(
+        f"{str(p)!r} is not a checkpoint directory: expected params.json + consolidated.NN.pth (Meta), "
+        f"config.json + *.safetensors (HF) or {MANIFEST} (converted)"
+    )
+
+
+def _refuse_vision(config: ModelConfig, path: Path) -> None:
+    if config.is_vision:
+        raise CheckpointError(
+            f"{str(path)!r} is a Llama 3.2 Vision (mllama) checkpoint; converting vision checkpoints needs the "
+            "vision model (not available yet): only text models (1B, 3B, Guard 3 1B) are converted"
+        )
+
+
+def meta_source(path: Path, *, rope_factor: float | None = None, tie_embeddings: bool | None = None) -> Source:
+    from llama32_jax.checkpoint.meta import MetaShards, read_params_json
+    from llama32_jax.configs import from_params_json
+
+    params_json = read_params_json(path)
+    shards = MetaShards(path)
+    head, embed = "output.weight", "tok_embeddings.weight"
+    if tie_embeddings is None and head in shards.shapes and embed in shards.shapes:
+        tie_embeddings = shards.equal(head, embed)
+    config = from_params_json(params_json, rope_factor=rope_factor, tie_embeddings=tie_embeddings, name=path.name)
+    _refuse_vision(config, path)
+
+    def tensors():
+        for key in shards.keys:
+            yield key, shards.tensor(key)
+
+    tok = path / "tokenizer.model"
+    return Source("meta", path, config, dict(shards.nbytes), tensors, [tok] if tok.is_file() else [])
+
+
+def hf_source(path: Path) -> Source:
+    from llama32_jax.checkpoint.hf import _header, hf_weight_files, iter_hf_tensors
+    from llama32_jax.configs import from_hf_config
+
+    config = from_hf_config(path, name=path.name)
+    _refuse_vision(config, path)
+    nbytes: dict[str, int] = {}
+    for file in hf_weight_files(path):
+        try:
+            _, entries = _header(file)
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"cannot read the safetensors header of {str(file)!r} (truncated or corrupt?)") from e
+        for key, entry in entries.items():
+            begin, end = entry.get("data_offsets", (0, 0)) if isinstance(entry, dict) else (0, 0)
+            nbytes[key] = int(end) - int(begin)
+    toks = [path / n for n in HF_TOKENIZER_FILES if (path / n).is_file()]
+    return Source("hf", path, config, nbytes, lambda: iter_hf_tensors(path), toks)
+
+
+def open_source(
+    path: str | os.PathLike, *, rope_factor: float | None = None, tie_embeddings: bool | None = None
+) -> Source:
+    """Open a Meta or HF checkpoint directory for conversion (reads its config and tensor index only)."""
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "meta":
+        return meta_source(p, rope_factor=rope_factor, tie_embeddings=tie_embeddings)
+    if rope_factor is not None or tie_embeddings is not None:
+        raise InvalidInputError("rope_factor and tie_embeddings apply to Meta sources only (HF config.json has both)")
+    if fmt == "hf":
+        return hf_source(p)
+    if fmt == "orbax":
+        raise CheckpointError(f"{str(p)!r} is already a converted llama32_jax checkpoint (load it with lj.load)")
+    raise CheckpointError(f"{str(p)!r}: GGUF files are loaded directly with lj.load, not converted")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Output directory handling: temporary siblings, stale-run cleanup, atomic publish.
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temporaries(output: Path, kind: str = "converting") -> list[Path]:
+    """Temporary siblings of ``output`` left by runs whose process no longer exists."""
+    out = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in output.parent.iterdir():
+            m = _TEMP.match(entry.name)
+            if m and m["name"] == output.name and m["kind"] == kind and not _pid_alive(int(m["pid"])):
+                out.append(entry)
+    return out
+
+
+def _temp_sibling(output: Path, kind: str) -> Path:
+    return output.parent / f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def check_output(output: str | os.PathLike, *, overwrite: bool, source: Path | None = None) -> Path:
+    """Validate an output path: refuse an existing one unless ``overwrite``, and one inside the source."""
+    out = Path(output).absolute()
+    if source is not None:
+        src = source.absolute()
+        if out == src or src in out.parents or out in src.parents:
+            raise InvalidInputError(f"output {str(out)!r} must not be the source {str(src)!r}, inside it, or above it")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise CheckpointError(f"output {str(out)!r} exists and is not a directory")
+        if not overwrite:
+            raise CheckpointError(
+                f"output directory {str(out)!r} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
+            )
+    return out
+
+
+@contextlib.contextmanager
+def atomic_directory(output: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh temporary sibling of ``output``; on success rename it to ``output``, on any error remove it.
+
+    Stale temporaries of runs that were killed are removed first. With ``overwrite`` an existing output is moved
+    aside, replaced, then deleted.
+    """
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the parent directory of {str(output)!r}: {e}") from e
+    for stale in stale_temporaries(output):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = _temp_sibling(output, "converting")
+    try:
+        tmp.mkdir()
+    except OSError as e:
+        raise CheckpointError(f"cannot write in {str(output.parent)!r}: {e}") from e
+    try:
+        yield tmp
+        if output.exists():
+            if not overwrite:
+                raise CheckpointError(f"output directory {str(output)!r} appeared while converting; not replaced")
+            old = _temp_sibling(output, "replaced")
+            os.rename(output, old)
+            os.rename(tmp, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for stale in stale_temporaries(output, "replaced"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def convert(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    overwrite: bool = False,
+    progress: bool = True,
+    rope_factor: float | None = None,
+    tie_embeddings: bool | None = None,
+    flush_bytes: int = 256 * 2**20,
+) -> Path:
+    """Convert a Meta or HF checkpoint directory into a llama32_jax Orbax checkpoint at ``output``.
+
+    ``source``: a Meta directory (``params.json``, ``consolidated.NN.pth``, ``tokenizer.model``) or an HF
+    directory (``config.json``, safetensors, tokenizer files); the format is detected. ``dtype``: the stored
+    parameter dtype (``"bfloat16"``, ``"float32"`` or ``"float16"``). ``overwrite``: replace an existing output
+    (otherwise it is an error). ``rope_factor`` / ``tie_embeddings``: Meta sources only, as in
+    :func:`~llama32_jax.configs.from_params_json` (``tie_embeddings=None`` decides from the tensors).
+
+    Streams tensor by tensor and publishes atomically (see the module docstring). Returns the output path. Load the
+    result with ``llama32_jax.load(output)``.
+    """
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+    from tqdm.auto import tqdm
+
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    np_dtype = np.dtype(dtype)
+    src = open_source(source, rope_factor=rope_factor, tie_embeddings=tie_embeddings)
+    out = check_output(output, overwrite=overwrite, source=src.path)
+    config = src.config
+    mapper = TensorMapper(config, src.fmt)
+    digests: dict[str, str] = {}
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        writer = ParamWriter(tmp / PARAMS_DIR, flush_bytes=flush_bytes)
+        bar = tqdm(
+            total=src.total_bytes,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc=f"converting {config.name}",
+            disable=not progress,
+        )
+        with bar:
+            for key, array in src.tensors():
+                if mapper.tied_head_key is not None and key in (mapper.embed_key, mapper.tied_head_key):
+                    digests[key] = hashlib.blake2b(
+                        np.ascontiguousarray(array).view(np.uint8), digest_size=16
+                    ).hexdigest()
+                mapped = mapper.map(key, array)
+                bar.update(src.nbytes.get(key, array.nbytes))
+                if mapped is None:
+                    continue
+                path, value = mapped
+                writer.add(path, np.asarray(value).astype(np_dtype, copy=False))
+                del array, value, mapped
+            mapper.finish()
+            head = mapper.tied_head_key
+            if head in digests and digests[head] != digests.get(mapper.embed_key):
+                raise CheckpointError(
+                    f"{head!r} differs from {mapper.embed_key!r} but {config.name} ties the output head to the "
+                    "embedding (for a Meta source pass tie_embeddings=False / --untied)"
+                )
+            writer.close()
+        names = []
+        for file in src.tokenizer_files:
+            shutil.copy2(file, tmp / file.name)
+            names.append(file.name)
+        record = {"format": src.fmt, "path": str(src.path.absolute())}
+        write_manifest(tmp, config, dtype=dtype, source=record, tokenizer=names)
+        _fsync_tree(tmp)
+    return out
