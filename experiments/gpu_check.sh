@@ -35,8 +35,11 @@ print("devices", jax.devices(), "backend", jax.default_backend())
 EOF
 
 step "test suite (GPU backend)"
-LLAMA32_JAX_SKIP_MISSING_FIXTURES=1 timeout "${TEST_TIMEOUT:-210}" $PY -m pytest -q -n "${WORKERS:-8}" \
-  -v -rfE --tb=short -p no:cacheprovider --junitxml="$OUT/pytest.xml" 2>&1 | tee "$OUT/pytest.log" | grep -v "PASSED\|^W0\|^I0" | tail -80
+# -v (and no -q, which would cancel it) writes one line per test as it ends, so the log names every result even
+# when the time limit stops the run before pytest's summary; --timeout stops a single hung test.
+LLAMA32_JAX_SKIP_MISSING_FIXTURES=1 timeout "${TEST_TIMEOUT:-280}" $PY -m pytest -v -n "${WORKERS:-14}" \
+  -p no:cacheprovider -p no:benchmark -rfEs --tb=short --timeout=150 "${TESTS:-tests}" \
+  2>&1 | tee "$OUT/pytest.log" | grep -E "FAILED|ERROR|passed|failed|Error" | tail -150
 echo "pytest exit ${PIPESTATUS[0]}"
 
 for m in $MODELS; do

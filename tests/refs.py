@@ -76,9 +76,11 @@ def init_meta_model_parallel() -> None:
     from fairscale.nn.model_parallel import initialize as fs_init
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        # A file store: no TCP port to collide on when many test workers start at once.
+        import tempfile
+
+        store_file = os.path.join(tempfile.mkdtemp(prefix="llama32_jax_dist_"), "store")
+        dist.init_process_group("gloo", store=dist.FileStore(store_file, 1), rank=0, world_size=1)
     if not fs_init.model_parallel_is_initialized():
         fs_init.initialize_model_parallel(1)
 

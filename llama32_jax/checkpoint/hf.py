@@ -1,8 +1,9 @@
 """Reader of Hugging Face model directories: ``config.json`` and safetensors weights (one file or an indexed set).
 
-Tensors are read one at a time with ``safetensors.safe_open`` (never unpickled) and come back as numpy arrays in
-the stored dtype; bf16 tensors, which safetensors' numpy backend cannot build, are read from the file's own byte
-offsets as ``ml_dtypes.bfloat16`` (the bytes are the same, so the values are exact).
+Files are opened with ``safetensors.safe_open`` (never unpickled), which validates the header; each tensor is then
+read with plain file reads at its byte offsets (no memory map: nothing stays resident after the tensor is
+dropped) and comes back as a numpy array in the stored dtype, bf16 as ``ml_dtypes.bfloat16`` (the same bytes, so
+values are exact).
 """
 
 from __future__ import annotations
@@ -78,20 +79,41 @@ def _header(path: Path) -> tuple[int, dict[str, Any]]:
     return 8 + size, header
 
 
-def _read_bf16(path: Path, header: tuple[int, dict[str, Any]], key: str, shape: list[int]) -> np.ndarray:
+# safetensors dtype names -> numpy dtypes (bf16 through ml_dtypes); all little-endian.
+_ST_NUMPY = {
+    "F64": "<f8",
+    "F32": "<f4",
+    "F16": "<f2",
+    "BF16": "bfloat16",
+    "I64": "<i8",
+    "I32": "<i4",
+    "I16": "<i2",
+    "I8": "i1",
+    "U8": "u1",
+    "BOOL": "?",
+}
+
+
+def _read_tensor(path: Path, header: tuple[int, dict[str, Any]], key: str) -> np.ndarray:
+    """One tensor read with plain file reads at its byte offsets (no memory map, so nothing stays resident)."""
     import ml_dtypes
 
     start, entries = header
-    begin, end = entries[key]["data_offsets"]
+    entry = entries[key]
+    name, shape = entry["dtype"], [int(n) for n in entry["shape"]]
+    if name not in _ST_NUMPY:
+        raise CheckpointError(f"{str(path)!r}: tensor {key!r} has unsupported dtype {name!r}")
+    dtype = np.dtype(ml_dtypes.bfloat16) if name == "BF16" else np.dtype(_ST_NUMPY[name])
+    begin, end = entry["data_offsets"]
     count = int(np.prod(shape, dtype=np.int64))
-    if end - begin != 2 * count:
-        raise CheckpointError(f"{str(path)!r}: tensor {key!r} has {end - begin} bytes for bf16 shape {shape}")
+    if end - begin != dtype.itemsize * count:
+        raise CheckpointError(f"{str(path)!r}: tensor {key!r} has {end - begin} bytes for {name} shape {shape}")
     with open(path, "rb") as f:
         f.seek(start + begin)
-        data = np.fromfile(f, dtype="<u2", count=count)
+        data = np.fromfile(f, dtype=dtype, count=count)
     if data.size != count:
         raise CheckpointError(f"{str(path)!r} is truncated: tensor {key!r} is incomplete")
-    return data.view(ml_dtypes.bfloat16).reshape(shape)
+    return data.reshape(shape)
 
 
 def _iter_file(path: Path, expected: list[str] | None) -> Iterator[tuple[str, np.ndarray]]:
@@ -106,13 +128,9 @@ def _iter_file(path: Path, expected: list[str] | None) -> Iterator[tuple[str, np
                 raise CheckpointError(
                     f"{str(path)!r} does not hold what {INDEX_FILE!r} says: missing {missing[:5]}, unlisted {extra[:5]}"
                 )
-            header = None  # parsed on the first bf16 tensor
+            header = _header(path)
             for key in keys:
-                if f.get_slice(key).get_dtype() == "BF16":
-                    header = header or _header(path)
-                    yield key, _read_bf16(path, header, key, f.get_slice(key).get_shape())
-                else:
-                    yield key, f.get_tensor(key)
+                yield key, _read_tensor(path, header, key)
     except (SafetensorError, OSError, ValueError) as e:
         if isinstance(e, CheckpointError):
             raise
