@@ -33,6 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--flush-mb", type=float, default=256.0, help="write to Orbax every this many MB (default 256)")
+    p.add_argument("--compress", action="store_true", help="zstd-compress the stored arrays (needs more memory)")
     p.add_argument("--rope-factor", type=float, default=None, help="Meta sources: override the RoPE scaling factor")
     tie = p.add_mutually_exclusive_group()
     tie.add_argument("--tied", dest="tie", action="store_true", default=None, help="Meta: output head = embedding")
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 rope_factor=args.rope_factor,
                 tie_embeddings=args.tie,
                 flush_bytes=int(max(0.0, args.flush_mb) * 2**20),
+                compress=args.compress,
             )
     except LlamaJaxError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ shardings, so arrays land directly where a mesh wants them (nothing is restored 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -53,6 +54,26 @@ def _nest(flat: Mapping[tuple, Any]) -> dict:
     return tree
 
 
+def _save_context(compress: bool):
+    """Orbax options that keep a save's memory near the data it is given.
+
+    By default Orbax deep-copies host arrays before writing (a guard against the caller mutating them meanwhile;
+    our saves are synchronous and the arrays are never touched again) and zstd-compresses whole arrays in memory:
+    together ~1.8x the largest tensor on top of it (measured: +1351 MiB for a 752 MiB tensor; +114 MiB without
+    the copy and compression). Compression stays available (``compress=True``) for smaller files.
+    """
+    v1 = _orbax_v1()
+    opts = v1.options
+    try:
+        saving = opts.ArrayOptions.Saving(use_compression=compress)
+        return v1.Context(
+            memory_options=opts.MemoryOptions(deepcopy_host_arrays=False),
+            array_options=opts.ArrayOptions(saving=saving),
+        )
+    except (AttributeError, TypeError):  # an Orbax without these options: its defaults (more memory, same files)
+        return contextlib.nullcontext()
+
+
 class ParamWriter:
     """Writes parameters to an Orbax checkpoint a group at a time (``orbax ... v1.partial``), never all at once.
 
@@ -60,9 +81,10 @@ class ParamWriter:
     writes the rest and finalizes the checkpoint (Orbax renames its own temporary directory into ``directory``).
     """
 
-    def __init__(self, directory: str | os.PathLike, *, flush_bytes: int = 256 * 2**20):
+    def __init__(self, directory: str | os.PathLike, *, flush_bytes: int = 256 * 2**20, compress: bool = False):
         self.directory = Path(directory)
         self.flush_bytes = flush_bytes
+        self.compress = compress
         self._queue: dict[tuple, np.ndarray] = {}
         self._queued = 0
         self.written_bytes = 0
@@ -80,7 +102,8 @@ class ParamWriter:
         if not self._queue:
             return
         try:
-            _orbax_v1().partial.save(self.directory, _nest(self._queue))
+            with _save_context(self.compress):
+                _orbax_v1().partial.save(self.directory, _nest(self._queue))
         except OSError as e:
             raise CheckpointError(f"writing the Orbax checkpoint under {str(self.directory)!r} failed: {e}") from e
         self.written_bytes += self._queued

@@ -252,6 +252,7 @@ def convert(
     rope_factor: float | None = None,
     tie_embeddings: bool | None = None,
     flush_bytes: int = 256 * 2**20,
+    compress: bool = False,
 ) -> Path:
     """Convert a Meta or HF checkpoint directory into a llama32_jax Orbax checkpoint at ``output``.
 
@@ -260,6 +261,8 @@ def convert(
     parameter dtype (``"bfloat16"``, ``"float32"`` or ``"float16"``). ``overwrite``: replace an existing output
     (otherwise it is an error). ``rope_factor`` / ``tie_embeddings``: Meta sources only, as in
     :func:`~llama32_jax.configs.from_params_json` (``tie_embeddings=None`` decides from the tensors).
+    ``flush_bytes``: how much is queued before each Orbax write. ``compress``: zstd-compress the stored arrays
+    (smaller files, but Orbax then holds a compressed copy of each write in memory).
 
     Streams tensor by tensor and publishes atomically (see the module docstring). Returns the output path. Load the
     result with ``llama32_jax.load(output)``.
@@ -276,7 +279,7 @@ def convert(
     mapper = TensorMapper(config, src.fmt)
     digests: dict[str, str] = {}
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        writer = ParamWriter(tmp / PARAMS_DIR, flush_bytes=flush_bytes)
+        writer = ParamWriter(tmp / PARAMS_DIR, flush_bytes=flush_bytes, compress=compress)
         bar = tqdm(
             total=src.total_bytes,
             unit="B",

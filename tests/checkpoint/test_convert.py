@@ -384,3 +384,11 @@ def test_converted_directory_is_not_reconverted_and_half_written_does_not_load(t
     (out / MANIFEST).unlink()  # what a run killed before publishing would look like, if it ever were visible
     with pytest.raises(LlamaJaxError):
         lj.load(out)
+
+
+def test_compressed_conversion_loads_the_same(tmp_path, hf_untied):
+    src, _, tokens, expected = hf_untied
+    plain = lj.convert(src, tmp_path / "plain", dtype="float32", progress=False)
+    packed = lj.convert(src, tmp_path / "packed", dtype="float32", progress=False, compress=True)
+    np.testing.assert_array_equal(_logits(packed, tokens), _logits(plain, tokens))
+    assert np.abs(_logits(packed, tokens) - expected).max() <= TOL
