@@ -43,7 +43,7 @@ class TensorMapper:
     """Maps source tensors one at a time onto our per-layer parameter paths, strictly (used when streaming).
 
     ``map(key, value)`` checks the key against the ``fmt`` key table and the tensor's shape against the config,
-    applies the table's transform, and returns ``(path, array)``, or None for a key dropped on purpose (derived
+    applies the table's transform, and returns ``[(path, array)]``, or ``[]`` for a key dropped on purpose (derived
     buffers such as ``rope.freqs``, and the output head of a tied model: its equality with the embedding is the
     caller's to check, see :attr:`tied_head_key`). A key that names no parameter, a second tensor for a filled
     parameter, a layer index out of range and a shape mismatch are :class:`CheckpointError` naming the key;
@@ -54,17 +54,17 @@ class TensorMapper:
         if fmt not in keymap.TABLES:
             raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {sorted(keymap.TABLES)}")
         if config.is_vision:
-            raise CheckpointError("vision checkpoints are converted by the vision key tables (not yet available)")
+            raise CheckpointError(f"{config.name} is a vision model: use keymap_vision.VisionTensorMapper")
         self.config, self.fmt = config, fmt
         self.tied = config.text.tie_embeddings
         self.tied_head_key = keymap.TIED_HEAD_KEY[fmt] if self.tied else None
         self.embed_key = keymap.EMBED_KEY[fmt]
         self._filled: set[tuple] = set()
 
-    def map(self, key: str, value: Any) -> tuple[tuple, np.ndarray] | None:
+    def map(self, key: str, value: Any) -> list[tuple[tuple, np.ndarray]]:
         text = self.config.text
         if key in keymap.IGNORED[self.fmt] or key == self.tied_head_key:
-            return None
+            return []
         found = keymap.match(self.fmt, key)
         if found is None or (found[0].only_if == "untied" and self.tied):
             raise CheckpointError(
@@ -83,7 +83,7 @@ class TensorMapper:
         if path in self._filled:
             raise CheckpointError(f"two source tensors map to parameter {'.'.join(map(str, path))} (last: {key!r})")
         self._filled.add(path)
-        return path, keymap.TRANSFORMS[rule.transform](array, text)
+        return [(path, keymap.TRANSFORMS[rule.transform](array, text))]
 
     def finish(self) -> None:
         """Raise :class:`CheckpointError` naming the first source key that no tensor supplied."""
@@ -109,11 +109,19 @@ def params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any], f
             )
     tree: dict = {}
     for key, value in state_dict.items():
-        mapped = mapper.map(key, value)
-        if mapped is not None:
-            _set(tree, *mapped)
+        for path, array in mapper.map(key, value):
+            _set(tree, path, array)
     mapper.finish()
     return tree
+
+
+def tensor_mapper(config: ModelConfig, fmt: str):
+    """The streaming key mapper for ``config``: text tables, or the vision tables for a vision model."""
+    if config.is_vision:
+        from llama32_jax.checkpoint.keymap_vision import VisionTensorMapper
+
+        return VisionTensorMapper(config, fmt)
+    return TensorMapper(config, fmt)
 
 
 def state_dict_from_params(config: ModelConfig, params: Mapping, fmt: str) -> dict[str, np.ndarray]:

@@ -33,6 +33,7 @@ __all__ = [
     "HF_VISION",
     "META_VISION",
     "VisionRule",
+    "VisionTensorMapper",
     "dims",
     "expected_source_keys",
     "hf_stored_key",
@@ -584,6 +585,49 @@ def _set(tree: dict, path: tuple, value: Any) -> None:
     node[path[-1]] = value
 
 
+class VisionTensorMapper:
+    """Maps Llama 3.2 Vision source tensors one at a time onto our parameter paths (the streaming converter's
+    counterpart of :func:`vision_params_from_state_dict`, with the same strictness).
+
+    ``map(key, value)`` returns a list of ``(path, array)`` (two for HF's merged ``embed_tokens``, none for an
+    ignored key); ``finish()`` names the first expected key that never came.
+    """
+
+    tied_head_key = None  # the vision models' output layer is never tied
+    embed_key = None
+
+    def __init__(self, config: ModelConfig, fmt: str):
+        self.config, self.fmt = config, fmt
+        self.expected = expected_source_keys(config, fmt)
+        self._found: dict[str, str] = {}
+
+    def map(self, key: str, value: Any) -> list[tuple[tuple, Array]]:
+        config, fmt = self.config, self.fmt
+        stored = hf_stored_key(key) if fmt == "hf" else key
+        ignored = IGNORED[fmt]
+        if ignored is not None and ignored.search(stored):
+            return []
+        if stored not in self.expected:
+            raise CheckpointError(_why_unexpected(config, fmt, key, stored))
+        if stored in self._found:
+            raise CheckpointError(f"keys {self._found[stored]!r} and {key!r} are the same HF tensor {stored!r}")
+        self._found[stored] = key
+        rule, layer = self.expected[stored]
+        array = to_numpy(value)
+        want = source_shape(rule, config)
+        if tuple(array.shape) != want:
+            raise CheckpointError(f"key {key!r}: shape {tuple(array.shape)}, but {config.name} needs {want}")
+        out = TRANSFORMS[rule.transform](array, config)
+        outs = out if len(rule.targets) > 1 else (out,)
+        return [(_fill_path(path, layer), v) for path, v in zip(rule.targets, outs, strict=True)]
+
+    def finish(self) -> None:
+        missing = [k for k in self.expected if k not in self._found]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"the {self.fmt} checkpoint has no {missing[0]!r}{more}")
+
+
 def vision_params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any], fmt: str) -> dict:
     """Convert a Llama 3.2 Vision state dict (``fmt`` "meta" or "hf") into our parameter tree.
 
@@ -599,29 +643,12 @@ def vision_params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, 
     in-memory names. Strict: an unknown key, a missing key, a layer index out of range or a tensor whose shape
     does not fit ``config`` raises :class:`CheckpointError` naming the key. Meta's ``rope.freqs`` is ignored.
     """
-    expected = expected_source_keys(config, fmt)
-    ignored = IGNORED[fmt]
+    mapper = VisionTensorMapper(config, fmt)
     tree: dict = {}
-    found: set[str] = set()
-    for key, stored in _normalised_keys(state_dict, fmt):
-        if ignored is not None and ignored.search(stored):
-            continue
-        if stored not in expected:
-            raise CheckpointError(_why_unexpected(config, fmt, key, stored))
-        rule, layer = expected[stored]
-        array = to_numpy(state_dict[key])
-        want = source_shape(rule, config)
-        if tuple(array.shape) != want:
-            raise CheckpointError(f"key {key!r}: shape {tuple(array.shape)}, but {config.name} needs {want}")
-        out = TRANSFORMS[rule.transform](array, config)
-        outs = out if len(rule.targets) > 1 else (out,)
-        for path, value in zip(rule.targets, outs, strict=True):
-            _set(tree, _fill_path(path, layer), value)
-        found.add(stored)
-    missing = [k for k in expected if k not in found]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise CheckpointError(f"the {fmt} checkpoint has no {missing[0]!r}{more}")
+    for key, value in state_dict.items():
+        for path, array in mapper.map(key, value):
+            _set(tree, path, array)
+    mapper.finish()
     return tree
 
 

@@ -186,6 +186,25 @@ def _abstract_tree(config: ModelConfig, dtype, sharding: Callable[[tuple, tuple]
     return _nest(out)
 
 
+def _abstract_from_stored(path: Path, dtype, sharding: Callable[[tuple, tuple], Any] | None) -> dict:
+    import jax
+
+    from llama32_jax.model import _flatten
+
+    v1 = _orbax_v1()
+    read = getattr(v1, "metadata", None) or v1.pytree_metadata
+    try:
+        stored = read(path).metadata
+    except (OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read the Orbax checkpoint {str(path)!r}: {e}") from e
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    out = {}
+    for key, leaf in _flatten(stored).items():
+        shape = tuple(leaf.shape)
+        out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(key, shape) if sharding else default)
+    return _nest(out)
+
+
 def restore_params(
     directory: str | os.PathLike,
     *,
@@ -202,16 +221,29 @@ def restore_params(
 
     record, config = read_manifest(directory)
     dtype = jnp.dtype(param_dtype if param_dtype is not None else record["dtype"])
-    target = _abstract_tree(config, dtype, sharding)
     v1 = _orbax_v1()
-    load = getattr(v1, "load", None) or v1.load_pytree
     path = Path(directory) / record.get("params", PARAMS_DIR)
+    if config.is_vision:  # no vision module to take shapes from yet: the stored tree's own shapes
+        target = _abstract_from_stored(path, dtype, sharding)
+    else:
+        target = _abstract_tree(config, dtype, sharding)
+    load = getattr(v1, "load", None) or v1.load_pytree
     try:
         tree = load(path, target)
     except ValueError as e:  # structure or shape mismatch between the manifest's config and the stored tree
         raise CheckpointError(f"{str(path)!r} does not match the config in its manifest: {e}") from e
     except (OSError, RuntimeError) as e:
         raise CheckpointError(f"cannot read the Orbax checkpoint {str(path)!r}: {e}") from e
-    if "layers" in tree:
-        tree["layers"] = {int(k): v for k, v in tree["layers"].items()}
-    return config, tree
+    return config, _int_layer_keys(tree)
+
+
+def _int_layer_keys(tree: dict) -> dict:
+    """Stored string keys of layer lists (``layers``, ``cross_layers``, vision ``transformer.layers`` ...) -> ints."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            value = _int_layer_keys(value)
+            if key.endswith("layers") and value and all(k.isdigit() for k in value):
+                value = {int(k): v for k, v in value.items()}
+        out[key] = value
+    return out

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama32_jax.checkpoint.convert import TensorMapper
+from llama32_jax.checkpoint.convert import tensor_mapper
 from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, PARAMS_DIR, ParamWriter, write_manifest
 from llama32_jax.configs import ModelConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError
@@ -84,25 +84,23 @@ def detect_format(path: str | os.PathLike) -> str:
     )
 
 
-def _refuse_vision(config: ModelConfig, path: Path) -> None:
-    if config.is_vision:
-        raise CheckpointError(
-            f"{str(path)!r} is a Llama 3.2 Vision (mllama) checkpoint; converting vision checkpoints needs the "
-            "vision model (not available yet): only text models (1B, 3B, Guard 3 1B) are converted"
-        )
-
-
-def meta_source(path: Path, *, rope_factor: float | None = None, tie_embeddings: bool | None = None) -> Source:
+def meta_source(
+    path: Path,
+    *,
+    rope_factor: float | None = None,
+    tie_embeddings: bool | None = None,
+    config: ModelConfig | None = None,
+) -> Source:
     from llama32_jax.checkpoint.meta import MetaShards, read_params_json
     from llama32_jax.configs import from_params_json
 
     params_json = read_params_json(path)
     shards = MetaShards(path)
-    head, embed = "output.weight", "tok_embeddings.weight"
-    if tie_embeddings is None and head in shards.shapes and embed in shards.shapes:
-        tie_embeddings = shards.equal(head, embed)
-    config = from_params_json(params_json, rope_factor=rope_factor, tie_embeddings=tie_embeddings, name=path.name)
-    _refuse_vision(config, path)
+    if config is None:
+        head, embed = "output.weight", "tok_embeddings.weight"
+        if tie_embeddings is None and head in shards.shapes and embed in shards.shapes:
+            tie_embeddings = shards.equal(head, embed)
+        config = from_params_json(params_json, rope_factor=rope_factor, tie_embeddings=tie_embeddings, name=path.name)
 
     def tensors():
         for key in shards.keys:
@@ -112,12 +110,12 @@ def meta_source(path: Path, *, rope_factor: float | None = None, tie_embeddings:
     return Source("meta", path, config, dict(shards.nbytes), tensors, [tok] if tok.is_file() else [])
 
 
-def hf_source(path: Path) -> Source:
+def hf_source(path: Path, *, config: ModelConfig | None = None) -> Source:
     from llama32_jax.checkpoint.hf import _header, hf_weight_files, iter_hf_tensors
     from llama32_jax.configs import from_hf_config
 
-    config = from_hf_config(path, name=path.name)
-    _refuse_vision(config, path)
+    if config is None:
+        config = from_hf_config(path, name=path.name)
     nbytes: dict[str, int] = {}
     for file in hf_weight_files(path):
         try:
@@ -132,17 +130,29 @@ def hf_source(path: Path) -> Source:
 
 
 def open_source(
-    path: str | os.PathLike, *, rope_factor: float | None = None, tie_embeddings: bool | None = None
+    path: str | os.PathLike,
+    *,
+    rope_factor: float | None = None,
+    tie_embeddings: bool | None = None,
+    config: ModelConfig | None = None,
 ) -> Source:
-    """Open a Meta or HF checkpoint directory for conversion (reads its config and tensor index only)."""
+    """Open a Meta or HF checkpoint directory for conversion (reads its config and tensor index only).
+
+    ``config`` replaces the one the directory's params.json / config.json describes (e.g. for a checkpoint whose
+    shapes Meta's params.json cannot express); the tensors must then fit it exactly.
+    """
     p = Path(path)
     fmt = detect_format(p)
+    if config is not None and not isinstance(config, ModelConfig):
+        raise InvalidInputError(f"config must be a llama32_jax ModelConfig, got {type(config).__name__}")
+    if config is not None and (rope_factor is not None or tie_embeddings is not None):
+        raise InvalidInputError("pass either config or rope_factor / tie_embeddings, not both")
     if fmt == "meta":
-        return meta_source(p, rope_factor=rope_factor, tie_embeddings=tie_embeddings)
+        return meta_source(p, rope_factor=rope_factor, tie_embeddings=tie_embeddings, config=config)
     if rope_factor is not None or tie_embeddings is not None:
         raise InvalidInputError("rope_factor and tie_embeddings apply to Meta sources only (HF config.json has both)")
     if fmt == "hf":
-        return hf_source(p)
+        return hf_source(p, config=config)
     if fmt == "orbax":
         raise CheckpointError(f"{str(p)!r} is already a converted llama32_jax checkpoint (load it with lj.load)")
     raise CheckpointError(f"{str(p)!r}: GGUF files are loaded directly with lj.load, not converted")
@@ -253,6 +263,7 @@ def convert(
     tie_embeddings: bool | None = None,
     flush_bytes: int = 256 * 2**20,
     compress: bool = False,
+    config: ModelConfig | None = None,
 ) -> Path:
     """Convert a Meta or HF checkpoint directory into a llama32_jax Orbax checkpoint at ``output``.
 
@@ -261,6 +272,7 @@ def convert(
     parameter dtype (``"bfloat16"``, ``"float32"`` or ``"float16"``). ``overwrite``: replace an existing output
     (otherwise it is an error). ``rope_factor`` / ``tie_embeddings``: Meta sources only, as in
     :func:`~llama32_jax.configs.from_params_json` (``tie_embeddings=None`` decides from the tensors).
+    ``config``: use this config instead of the directory's (the tensors must fit it exactly).
     ``flush_bytes``: how much is queued before each Orbax write. ``compress``: zstd-compress the stored arrays
     (smaller files, but Orbax then holds a compressed copy of each write in memory).
 
@@ -273,10 +285,10 @@ def convert(
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     np_dtype = np.dtype(dtype)
-    src = open_source(source, rope_factor=rope_factor, tie_embeddings=tie_embeddings)
+    src = open_source(source, rope_factor=rope_factor, tie_embeddings=tie_embeddings, config=config)
     out = check_output(output, overwrite=overwrite, source=src.path)
     config = src.config
-    mapper = TensorMapper(config, src.fmt)
+    mapper = tensor_mapper(config, src.fmt)
     digests: dict[str, str] = {}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         writer = ParamWriter(tmp / PARAMS_DIR, flush_bytes=flush_bytes, compress=compress)
@@ -296,11 +308,9 @@ def convert(
                     ).hexdigest()
                 mapped = mapper.map(key, array)
                 bar.update(src.nbytes.get(key, array.nbytes))
-                if mapped is None:
-                    continue
-                path, value = mapped
-                writer.add(path, np.asarray(value).astype(np_dtype, copy=False))
-                del array, value, mapped
+                for path, value in mapped:
+                    writer.add(path, np.asarray(value).astype(np_dtype, copy=False))
+                del array, mapped
             mapper.finish()
             head = mapper.tied_head_key
             if head in digests and digests[head] != digests.get(mapper.embed_key):
