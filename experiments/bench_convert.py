@@ -2,20 +2,24 @@
 
     .venv/bin/python -m experiments.bench_convert                          # 3B shapes, 8 shards, bf16, untied head
     .venv/bin/python -m experiments.bench_convert --flush_mb=64 --keep     # a smaller Orbax flush; keep the output
+    .venv/bin/python -m experiments.bench_convert --tied --out=/tmp/tied.json   # output.weight == tok_embeddings
 
 The synthetic checkpoint (``params.json`` of Llama 3.2 3B, ``consolidated.00.pth ... 07.pth`` holding each shard's
 model-parallel slices as bf16 random values, norms ones) is written once, shard by shard, under ``--model_dir`` and
 reused while its completion marker is there. ``output.weight`` is drawn apart from ``tok_embeddings.weight``, so the
-converter decides the head is untied and converts both (7.2 GB of tensors in all).
+converter decides the head is untied and converts both (7.2 GB of tensors in all). With ``--tied`` (as in the
+published 1B/3B) ``output.weight`` is a copy of the embedding in every shard instead: the converter then compares the
+two whole tensors and converts one (its own cache directory, ``<model_dir>-tied`` by default).
 
-``python -m llama32_jax.convert`` runs in a subprocess (``JAX_PLATFORMS=cpu``) while ``/proc/<pid>/status`` is
-sampled every ``--interval_ms`` for VmRSS, RssAnon, RssFile and VmHWM until it exits; peak RSS is the largest VmHWM
-seen (the kernel's high-water mark of the process's own memory since its exec, so a peak between samples is not
-missed). ``wait4``'s ``ru_maxrss`` is recorded but not used: Linux carries the parent's RSS at fork into it (a bare
-``python -c "import torch"`` child of this 1.8 GB process reports 1.8 GB). Baselines measured the same way: the fixed cost of
-importing ``llama32_jax, torch, orbax.checkpoint`` (and of starting JAX's CPU backend), and a plain sequential read
-of the shard files in 64 MiB chunks. The page cache is dropped (as root) before the cold read and the conversion;
-whether that worked is recorded, since without it the "disk" numbers are page-cache numbers.
+``python -m llama32_jax.convert`` runs in a subprocess (``JAX_PLATFORMS=cpu``, plus any ``--child_env``) while
+``/proc/<pid>/status`` is sampled every ``--interval_ms`` for VmRSS, RssAnon, RssFile and VmHWM until it exits. Peak
+RSS is the largest VmHWM seen: the kernel's high-water mark of the process's own memory since its exec, so a peak
+between samples is not missed (the RssAnon / RssFile peaks are sampled maxima and can be). ``wait4``'s
+``ru_maxrss`` is recorded but not used: Linux carries the parent's RSS at fork into it (a bare ``python -c "import
+torch"`` child of this 1.8 GB process reports 1.8 GB). Baselines measured the same way: the fixed cost of importing
+``llama32_jax, torch, orbax.checkpoint`` (and of starting JAX's CPU backend), and a plain sequential read of the
+shard files in 64 MiB chunks. The page cache is dropped (as root) before the cold read and the conversion; whether
+that worked is recorded, since without it the "disk" numbers are page-cache numbers.
 
 The bound checked is the converter's design goal: peak RSS <= 2 x the largest single tensor + 1 GiB (the largest is
 the merged embedding / output head, 128256 x 3072 bf16 = 788 MB). Afterwards this process restores the converted
@@ -42,9 +46,11 @@ _OUTPUT = flags.DEFINE_string("output", "/tmp/bench_convert/orbax-3b", "converte
 _SHARDS = flags.DEFINE_integer("shards", 8, "model-parallel shards of the synthetic checkpoint")
 _KEEP = flags.DEFINE_bool("keep", False, "keep the converted output (the synthetic source is always kept)")
 _FLUSH_MB = flags.DEFINE_integer("flush_mb", 0, "pass --flush-mb to the converter (0: its default)")
+_CHILD_ENV = flags.DEFINE_list("child_env", [], "KEY=VALUE pairs set for the converter (e.g. MALLOC_ARENA_MAX=2)")
 _INTERVAL = flags.DEFINE_float("interval_ms", 20.0, "/proc sampling interval")
 _DROP = flags.DEFINE_bool("drop_caches", True, "drop the page cache before the cold read and the conversion")
 _VERIFY = flags.DEFINE_bool("verify", True, "restore the output and compare leaves with the source")
+_TIED = flags.DEFINE_bool("tied", False, "output.weight equal to tok_embeddings.weight (tied head)")
 _SEED = flags.DEFINE_integer("seed", 0, "seed of the synthetic weights")
 _OUT = flags.DEFINE_string("out", "", "JSON path (default experiments/results/bench_convert_3b_mp8.json)")
 
@@ -102,10 +108,10 @@ def _shard_shape(shape: tuple[int, ...], dim: int | None, shards: int) -> tuple[
     return (*shape[:dim], shape[dim] // shards, *shape[dim + 1 :])
 
 
-def _synthetic_config():
+def _synthetic_config(tied: bool = False):
     from llama32_jax.configs import LLAMA_3_2_3B, from_params_json
 
-    config = from_params_json(PARAMS_JSON, tie_embeddings=False, name="synthetic-3b-mp8")
+    config = from_params_json(PARAMS_JSON, tie_embeddings=tied, name="synthetic-3b-mp8")
     ref = LLAMA_3_2_3B.text
     for field in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim"):
         if getattr(config.text, field) != getattr(ref, field):
@@ -115,13 +121,20 @@ def _synthetic_config():
     return config
 
 
-def ensure_synthetic(root: str, shards: int, seed: int) -> dict:
+def ensure_synthetic(root: str, shards: int, seed: int, tied: bool) -> dict:
     """Write (or reuse) the synthetic checkpoint; one shard in memory at a time. Returns its marker record."""
     import torch
 
-    config = _synthetic_config()
+    config = _synthetic_config(tied)
     layout = _meta_layout(config)
-    want = {"params": PARAMS_JSON, "shards": shards, "seed": seed, "dtype": "bfloat16", "keys": len(layout)}
+    want = {
+        "params": PARAMS_JSON,
+        "shards": shards,
+        "seed": seed,
+        "dtype": "bfloat16",
+        "keys": len(layout),
+        "tied": tied,
+    }
     marker = os.path.join(root, MARKER)
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -141,7 +154,9 @@ def ensure_synthetic(root: str, shards: int, seed: int) -> dict:
         state = {}
         for k, (key, shape, dim) in enumerate(layout):
             part = _shard_shape(shape, dim, shards)
-            if dim is None:  # replicated: identical in every shard (RMSNorm weights: ones)
+            if tied and key == "output.weight":  # a separate storage with equal values, as in Meta's files
+                state[key] = state["tok_embeddings.weight"].clone()
+            elif dim is None:  # replicated: identical in every shard (RMSNorm weights: ones)
                 state[key] = torch.ones(part, dtype=torch.bfloat16)
             else:
                 g = torch.Generator().manual_seed(seed * 1_000_003 + s * 10_007 + k)
@@ -261,7 +276,7 @@ def _bits(a) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.itemsize == 2 else a
 
 
-def verify(src: str, out: str, shards: int) -> dict:
+def verify(src: str, out: str, shards: int, tied: bool) -> dict:
     """Restore the converted tree and compare some leaves, bit for bit, with the shards merged here by hand."""
     import torch
 
@@ -285,7 +300,6 @@ def verify(src: str, out: str, shards: int) -> dict:
     last = t.n_layers - 1
     checks = {
         "embed.embedding == cat(tok_embeddings, 0)": (tree["embed"]["embedding"], merged("tok_embeddings.weight", 0)),
-        "lm_head == cat(output, 0)": (tree["lm_head"], merged("output.weight", 0)),
         "norm.weight == norm (shard 0)": (tree["norm"]["weight"], merged("norm.weight", None)),
         "layers[0].ffn.w2 == cat(w2, 1)": (
             tree["layers"][0]["feed_forward"]["w2"]["kernel"],
@@ -316,6 +330,8 @@ def verify(src: str, out: str, shards: int) -> dict:
             merged(f"layers.{last}.attention_norm.weight", None),
         ),
     }
+    if not tied:
+        checks["lm_head == cat(output, 0)"] = (tree["lm_head"], merged("output.weight", 0))
     results = {}
     for name, (got, want) in checks.items():
         got = np.asarray(got)
@@ -323,8 +339,7 @@ def verify(src: str, out: str, shards: int) -> dict:
             got.shape == want.shape and got.dtype == want.dtype and np.array_equal(_bits(got), _bits(want))
         )
     n_leaves = sum(1 for _ in _leaves(tree))
-    del tree
-    ok = all(results.values()) and not t.tie_embeddings and t.ffn_dim == 8192
+    ok = all(results.values()) and t.tie_embeddings == tied and ("lm_head" in tree) != tied and t.ffn_dim == 8192
     return {
         "verified": ok,
         "restore_s": round(restore_s, 1),
@@ -345,6 +360,10 @@ def _leaves(tree):
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _flag_text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def main(argv):
     del argv
     import jax
@@ -353,7 +372,10 @@ def main(argv):
 
     src, out, shards = _MODEL_DIR.value, os.path.abspath(_OUTPUT.value), _SHARDS.value
     interval = _INTERVAL.value / 1e3
-    synthetic = ensure_synthetic(src, shards, _SEED.value)
+    tied = _TIED.value
+    if tied and flags.FLAGS["model_dir"].using_default_value:
+        src += "-tied"
+    synthetic = ensure_synthetic(src, shards, _SEED.value, tied)
     files = [os.path.join(src, f"consolidated.{s:02d}.pth") for s in range(shards)]
     source_bytes = sum(os.path.getsize(p) for p in files)
     config = _synthetic_config()
@@ -394,8 +416,9 @@ def main(argv):
     ]
     if _FLUSH_MB.value:
         cmd += ["--flush-mb", str(_FLUSH_MB.value)]
+    child_env = dict(kv.split("=", 1) for kv in _CHILD_ENV.value)
     conv_dropped = _DROP.value and drop_caches()
-    run = measure(cmd, env, interval, log)
+    run = measure(cmd, {**env, **child_env}, interval, log)
     m = re.search(r"wrote .* in ([\d.]+) s", run["output"])
     convert_s = float(m.group(1)) if m else None
     output_bytes = sum(
@@ -407,6 +430,7 @@ def main(argv):
     peak = run["peak_rss_bytes"]
     conversion = {
         "command": " ".join(cmd),
+        "env": {"JAX_PLATFORMS": "cpu", **child_env},
         "page_cache_dropped": conv_dropped,
         **{k: v for k, v in run.items() if k != "output"},
         "peak_rss_anon_mib": run["sampled_peak_mib"]["RssAnon"],
@@ -439,16 +463,28 @@ def main(argv):
         f"{bound / MIB:.0f} MiB: {'within' if within else 'ABOVE'} by {abs(bound - peak) / MIB:.0f} MiB"
     )
 
-    verified = verify(src, out, shards) if _VERIFY.value else {"verified": None}
+    verified = verify(src, out, shards, tied) if _VERIFY.value else {"verified": None}
     print(f"verified: {verified['verified']} {verified.get('checks', '')}")
     if not _KEEP.value:
         shutil.rmtree(out, ignore_errors=True)
 
-    flags_used = ("model_dir", "output", "shards", "flush_mb", "interval_ms", "drop_caches", "verify", "seed", "keep")
+    flags_used = (
+        "model_dir",
+        "output",
+        "shards",
+        "flush_mb",
+        "child_env",
+        "interval_ms",
+        "drop_caches",
+        "verify",
+        "seed",
+        "tied",
+        "keep",
+    )
     record = {
         "benchmark": "bench_convert",
         "command": "python -m experiments.bench_convert "
-        + " ".join(f"--{f}={getattr(flags.FLAGS, f)}" for f in flags_used),
+        + " ".join(f"--{f}={_flag_text(getattr(flags.FLAGS, f))}" for f in flags_used),
         "machine": machine(),
         "versions": {
             "jax": jax.__version__,
@@ -462,7 +498,7 @@ def main(argv):
             "synthetic": synthetic,
             "shards": len(files),
             "bytes": source_bytes,
-            "tied_head": False,
+            "tied_head": tied,
         },
         "units": "MiB = 2**20 bytes; MB/s = 1e6 bytes per second of source data",
         "baseline_import": {"code": imports, **{k: v for k, v in base_import.items() if k != "output"}},

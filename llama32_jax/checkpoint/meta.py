@@ -139,8 +139,11 @@ class MetaShards:
 
     def _open(self) -> list[dict[str, Any]]:
         if self._states is None:
-            self._states = [_open_shard(f) for f in self.files]
+            self._states = [None] * len(self.files)
             self._read = 0
+        for i, state in enumerate(self._states):
+            if state is None:  # never opened, or dropped after a large read
+                self._states[i] = _open_shard(self.files[i])
         return self._states
 
     def release(self) -> None:
@@ -156,26 +159,58 @@ class MetaShards:
             raise CheckpointError(f"cannot read tensor {key!r} from {self.files[0].parent}: {e}") from e
 
     def tensor(self, key: str) -> np.ndarray:
-        """``key`` merged across shards: a view onto the map for one shard, else a new concatenated array."""
-        parts = self.parts(key)
-        if len(parts) == 1:
-            merged = parts[0]
+        """``key`` merged across shards: a view onto the map for one shard, else a new concatenated array.
+
+        Maps are dropped before a read that would take the bytes read through them past the budget, and while a
+        sharded tensor is assembled each shard's map is dropped as soon as its slice is copied, so the pages
+        resident at once stay near one tensor, not one tensor plus the budget.
+        """
+        size = self.nbytes[key]
+        if self._states is not None and self._read + size > self.map_budget:
+            self.release()
+        n = len(self.files)
+        if n == 1:
+            merged = self.parts(key)[0]
         else:
             dim = shard_dim(key)
             if dim is None:
+                parts = self.parts(key)
                 for i, p in enumerate(parts[1:], start=1):
                     if not np.array_equal(p, parts[0]):
                         raise CheckpointError(
                             f"{key!r} should be replicated but differs between shard 0 and {self.files[i].name}"
                         )
                 merged = np.array(parts[0])
+                del parts
             else:
-                merged = np.concatenate(parts, axis=dim)
-        del parts
-        self._read += self.nbytes[key]
+                merged = None
+                offset = 0
+                for i in range(n):
+                    part = self._part(i, key)
+                    if merged is None:
+                        merged = np.empty(self.shapes[key], dtype=part.dtype)
+                    index = [slice(None)] * merged.ndim
+                    index[dim] = slice(offset, offset + part.shape[dim])
+                    merged[tuple(index)] = part
+                    offset += part.shape[dim]
+                    del part
+                    if size >= self.map_budget // 4:
+                        self._states[i] = None  # drop this shard's map now: its pages of this tensor are copied
+        self._read += size
         if self._read >= self.map_budget:
             self.release()
         return merged
+
+    def _part(self, i: int, key: str) -> np.ndarray:
+        if self._states is None:
+            self._states = [None] * len(self.files)
+            self._read = 0
+        if self._states[i] is None:
+            self._states[i] = _open_shard(self.files[i])
+        try:
+            return to_numpy(self._states[i][key])
+        except RuntimeError as e:
+            raise CheckpointError(f"cannot read tensor {key!r} from {self.files[i]}: {e}") from e
 
     def equal(self, key_a: str, key_b: str, *, chunk_bytes: int = 64 * 2**20) -> bool:
         """Whether two tensors hold equal values, compared shard by shard in row chunks (no full copies)."""

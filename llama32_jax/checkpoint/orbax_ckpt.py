@@ -16,6 +16,7 @@ shardings, so arrays land directly where a mesh wants them (nothing is restored 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -63,15 +64,19 @@ def _save_context(compress: bool):
     the copy and compression). Compression stays available (``compress=True``) for smaller files.
     """
     v1 = _orbax_v1()
-    opts = v1.options
     try:
-        saving = opts.ArrayOptions.Saving(use_compression=compress)
+        ctx = v1.Context()
+        if hasattr(ctx, "memory") and hasattr(ctx, "array"):  # Orbax's mutable options (0.12.8+)
+            ctx.memory.deepcopy_host_arrays = False
+            ctx.array.saving.use_compression = compress
+            return ctx
+        opts = v1.options  # older spelling: option objects passed to the constructor
         return v1.Context(
             memory_options=opts.MemoryOptions(deepcopy_host_arrays=False),
-            array_options=opts.ArrayOptions(saving=saving),
+            array_options=opts.ArrayOptions(saving=opts.ArrayOptions.Saving(use_compression=compress)),
         )
-    except (AttributeError, TypeError):  # an Orbax without these options: its defaults (more memory, same files)
-        return contextlib.nullcontext()
+    except (AttributeError, TypeError, dataclasses.FrozenInstanceError):
+        return contextlib.nullcontext()  # an Orbax without these options: its defaults (more memory, same files)
 
 
 class ParamWriter:
@@ -93,6 +98,8 @@ class ParamWriter:
     def add(self, path: tuple, array: np.ndarray) -> None:
         if self._closed:
             raise RuntimeError("ParamWriter is closed")
+        if self._queue and self._queued + array.nbytes > self.flush_bytes:
+            self.flush()  # a large tensor is written on its own, not on top of what is queued
         self._queue[tuple(path)] = array
         self._queued += array.nbytes
         if self._queued >= self.flush_bytes:

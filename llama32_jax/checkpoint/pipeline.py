@@ -96,18 +96,31 @@ def meta_source(
 
     params_json = read_params_json(path)
     shards = MetaShards(path)
+    head, embed = "output.weight", "tok_embeddings.weight"
+    both = head in shards.shapes and embed in shards.shapes
+    verified = False
     if config is None:
-        head, embed = "output.weight", "tok_embeddings.weight"
-        if tie_embeddings is None and head in shards.shapes and embed in shards.shapes:
-            tie_embeddings = shards.equal(head, embed)
+        if tie_embeddings is None and both:
+            tie_embeddings = verified = shards.equal(head, embed)
         config = from_params_json(params_json, rope_factor=rope_factor, tie_embeddings=tie_embeddings, name=path.name)
+    skip: set[str] = set()
+    if config.text.tie_embeddings and both:
+        # A tied head is not stored: check it equals the embedding (chunk by chunk, no copies), then never read it.
+        if not verified and not shards.equal(head, embed):
+            raise CheckpointError(
+                f"{head!r} differs from {embed!r} but {config.name} ties the output head to the embedding "
+                "(pass tie_embeddings=False / --untied)"
+            )
+        skip.add(head)
 
     def tensors():
         for key in shards.keys:
-            yield key, shards.tensor(key)
+            if key not in skip:
+                yield key, shards.tensor(key)
 
+    nbytes = {k: v for k, v in shards.nbytes.items() if k not in skip}
     tok = path / "tokenizer.model"
-    return Source("meta", path, config, dict(shards.nbytes), tensors, [tok] if tok.is_file() else [])
+    return Source("meta", path, config, nbytes, tensors, [tok] if tok.is_file() else [])
 
 
 def hf_source(path: Path, *, config: ModelConfig | None = None) -> Source:
