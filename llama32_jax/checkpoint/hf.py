@@ -162,7 +162,7 @@ def read_hf_params(directory: str | os.PathLike, *, scan_layers: bool = False) -
     config = from_hf_config(directory, name=directory.name or "hf", scan_layers=scan_layers)
     if config.is_vision:
         raise CheckpointError(
-            f"{str(directory)!r} is an mllama (Llama 3.2 Vision) checkpoint; reading HF vision checkpoints is not "
-            "yet supported"
+            f"{str(directory)!r} is an mllama (Llama 3.2 Vision) checkpoint; the vision model is not "
+            "available yet (llama32_jax.convert already converts the checkpoint to Orbax)"
         )
     return config, params_from_state_dict(config, dict(iter_hf_tensors(directory)), "hf")

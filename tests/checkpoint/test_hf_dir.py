@@ -175,7 +175,7 @@ def test_mllama_is_not_yet_supported(tmp_path):
     from transformers import MllamaConfig
 
     MllamaConfig().save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match="mllama.*not yet supported"):
+    with pytest.raises(CheckpointError, match="mllama.*vision model is not available yet"):
         read_hf_params(tmp_path)
 
 
