@@ -54,7 +54,7 @@ class TensorMapper:
         if fmt not in keymap.TABLES:
             raise CheckpointError(f"unknown checkpoint format {fmt!r}; expected one of {sorted(keymap.TABLES)}")
         if config.is_vision:
-            raise CheckpointError(f"{config.name} is a vision model: use keymap_vision.VisionTensorMapper")
+            raise CheckpointError(f"{config.name} is a vision model: use convert_vision.VisionTensorMapper")
         self.config, self.fmt = config, fmt
         self.tied = config.text.tie_embeddings
         self.tied_head_key = keymap.TIED_HEAD_KEY[fmt] if self.tied else None
@@ -118,7 +118,7 @@ def params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any], f
 def tensor_mapper(config: ModelConfig, fmt: str):
     """The streaming key mapper for ``config``: text tables, or the vision tables for a vision model."""
     if config.is_vision:
-        from llama32_jax.checkpoint.keymap_vision import VisionTensorMapper
+        from llama32_jax.checkpoint.convert_vision import VisionTensorMapper
 
         return VisionTensorMapper(config, fmt)
     return TensorMapper(config, fmt)

@@ -25,7 +25,7 @@ import llama32_jax as lj
 from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, read_manifest, restore_params
 from llama32_jax.configs import TINY_TEXT
 from llama32_jax.errors import CheckpointError, ConfigError, InvalidInputError, LlamaJaxError
-from tests.checkpoint.test_meta_dir import PARAMS, _write
+from tests.checkpoint.test_meta_dir import PARAMS, _Payload, _write
 from tests.refs import hf_llama, meta_transformer, torch_logits
 
 TOL = 1e-4
@@ -258,21 +258,11 @@ def test_corrupt_pth(tmp_path, meta_ref):
     _assert_refused(tmp_path, src, r"consolidated\.00\.pth.*truncated or corrupt")
 
 
-class _RunsCode:
-    """A pickle payload that would create a file if it were ever unpickled without weights_only."""
-
-    def __init__(self, marker: str):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 def test_pickle_that_would_run_code_is_refused_not_executed(tmp_path, meta_ref):
     marker = tmp_path / "pwned"
     src = _write(tmp_path / "m", meta_ref[0], 1)
     state = torch.load(src / "consolidated.00.pth", weights_only=True)
-    state["evil"] = _RunsCode(str(marker))
+    state["evil"] = _Payload(marker)
     torch.save(state, src / "consolidated.00.pth")
     _assert_refused(tmp_path, src, r"consolidated\.00\.pth: refused to load.*not executed")
     assert not marker.exists()

@@ -23,7 +23,7 @@ import pytest
 
 from llama32_jax.checkpoint import keymap_vision as kv
 from llama32_jax.checkpoint.convert import to_numpy
-from llama32_jax.checkpoint.keymap_vision import vision_params_from_state_dict, vision_state_dict_from_params
+from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict, vision_state_dict_from_params
 from llama32_jax.configs import (
     LLAMA_3_2_11B_VISION,
     LLAMA_3_2_90B_VISION,
@@ -33,7 +33,7 @@ from llama32_jax.configs import (
     llama3_ffn_dim,
 )
 from llama32_jax.errors import CheckpointError
-from tests.refs import init_meta_model_parallel
+from tests.refs import init_meta_model_parallel, meta_params_json
 
 # Meta's reference gathers with a torch collective that torch marks deprecated; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")
@@ -162,16 +162,9 @@ def meta_mllama(config: ModelConfig, seed: int = 0):
 
     multiple_of = 32
     assert llama3_ffn_dim(t.dim, multiple_of, None) == t.ffn_dim
+    assert t.rope_scaling is not None  # Meta hard-codes factor 8, low 1, high 4, 8192: the vision models' values
     args = ModelArgs(
-        dim=t.dim,
-        n_layers=t.n_layers,
-        n_heads=t.n_heads,
-        n_kv_heads=t.n_kv_heads,
-        vocab_size=t.vocab_size,
-        multiple_of=multiple_of,
-        norm_eps=t.norm_eps,
-        rope_theta=t.rope_theta,
-        use_scaled_rope=True,  # Meta hard-codes factor 8, low 1, high 4, 8192: the vision models' values
+        **meta_params_json(t, multiple_of, None),
         max_seq_len=SEQ,
         max_batch_size=len(TOKENS),
         vision_chunk_size=v.image_size,
