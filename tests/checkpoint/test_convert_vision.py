@@ -18,7 +18,8 @@ import torch
 import llama32_jax as lj
 from llama32_jax.checkpoint.orbax_ckpt import read_manifest, restore_params
 from llama32_jax.errors import CheckpointError
-from tests.checkpoint.test_vision_keymap import CFG, hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
+from tests.checkpoint.test_vision_keymap import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
+from tests.refs_vision import CFG
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")
 
