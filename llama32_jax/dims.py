@@ -35,10 +35,11 @@ Q_HEADS = "q_heads"
 KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 MLP = "mlp"
+GATE = "gate"  # the one-element tanh gates of the vision models (never sharded)
 
 # Activation / cache axes.
 BATCH = "batch"
 SEQ = "seq"
 CACHE_SEQ = "cache_seq"
 
-PARAM_AXES = (LAYERS, VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP)
+PARAM_AXES = (LAYERS, VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP, GATE)
