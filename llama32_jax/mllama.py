@@ -1,0 +1,127 @@
+"""The Llama 3.2 Vision text decoder (Mllama): self-attention layers with cross-attention blocks interleaved.
+
+Layer order (SPEC.md §4.2, Meta's ``CrossAttentionTransformerText``): for each self-attention layer ``i`` in the
+fusion schedule (``config.text.meta_fusion_schedule``), cross-attention block ``j`` runs first, then layer ``i``.
+A call without images (``cross=None``) skips every cross-attention block, as both references do.
+
+Token ids ``>= vocab_size`` (the image token, 128256 in HF checkpoints) embed through the 8-row
+``learnable_embedding`` (SPEC §4.5); the output head stays ``vocab_size`` wide.
+
+Images reach the decoder as :class:`CrossInputs`: each cross-attention block's keys and values over the vision
+tokens (computed once, reused by every decode step) and a per-position tile mask for the whole sequence, prompt and
+generated tokens (:mod:`llama32_jax.cross_mask`). Rows of the mask are looked up by each token's position, so left
+padding and decoding need nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama32_jax import dims
+from llama32_jax.attention import causal_mask
+from llama32_jax.cache import KVCache
+from llama32_jax.configs import ModelConfig
+from llama32_jax.cross_attention import CrossAttentionBlock, VisionKV, token_mask
+from llama32_jax.errors import InvalidInputError
+from llama32_jax.layers import Embed, RMSNorm, make_param
+from llama32_jax.rope import inv_frequencies, rope_angles
+from llama32_jax.text import DecoderBlock, check_cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CrossInputs:
+    """What the cross-attention blocks need: ``kv[j]`` = block j's ``(k, v)`` ``[B, K, N_v, H]``, and
+    ``tile_mask [B, S_total, I, R]`` bool (by token position; :func:`cross_mask.dense_cross_attention_mask`)."""
+
+    kv: tuple[VisionKV, ...]
+    tile_mask: jax.Array
+    tokens_per_tile: int = dataclasses.field(metadata=dict(static=True))
+
+
+class MllamaText(nnx.Module):
+    """The vision models' language model; ``model(tokens, cache, cross=...)`` -> ``(logits fp32, cache)``."""
+
+    def __init__(self, config: ModelConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        if not config.is_vision:
+            raise InvalidInputError(f"{config.name} is a text model; use llama32_jax.text.Transformer")
+        if config.scan_layers:
+            raise InvalidInputError("the vision decoder has no scanned layout yet; use scan_layers=False")
+        t = config.text
+        self.config = config
+        self.embed = Embed(t.vocab_size, t.dim, dtype=param_dtype, rngs=rngs)
+        self.learnable_embedding = make_param(
+            rngs, (t.n_image_embeddings, t.dim), (dims.VOCAB, dims.EMBED), param_dtype
+        )
+        self.layers = nnx.List([DecoderBlock(t, dtype=param_dtype, rngs=rngs) for _ in range(t.n_layers)])
+        self.cross_layers = nnx.List(
+            [CrossAttentionBlock(t, dtype=param_dtype, rngs=rngs) for _ in range(t.n_cross_attention_layers)]
+        )
+        self.norm = RMSNorm(t.dim, t.norm_eps, dtype=param_dtype, rngs=rngs)
+        self.lm_head = make_param(rngs, (t.vocab_size, t.dim), (dims.VOCAB, dims.EMBED), param_dtype)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Ids below ``vocab_size`` use the text table, the rest ``learnable_embedding[id - vocab_size]``."""
+        v = self.config.text.vocab_size
+        text = self.embed(jnp.minimum(tokens, v - 1))
+        image = jnp.take(self.learnable_embedding[...], jnp.clip(tokens - v, 0, None), axis=0)
+        return jnp.where((tokens >= v)[..., None], image.astype(text.dtype), text)
+
+    def vision_kv(self, vision_tokens: jax.Array) -> tuple[VisionKV, ...]:
+        """``[B, N_v, D]`` projected vision tokens -> every cross-attention block's keys and values."""
+        return tuple(block.vision_kv(vision_tokens) for block in self.cross_layers)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        cache: KVCache | None = None,
+        *,
+        cross: CrossInputs | None = None,
+        last_only: bool = False,
+    ) -> tuple[jax.Array, KVCache | None]:
+        t = self.config.text
+        if tokens.ndim != 2:
+            raise InvalidInputError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        b, length = tokens.shape
+        if cache is None:
+            start = jnp.zeros((b,), jnp.int32)
+            index = jnp.zeros((), jnp.int32)
+            k_slots = jnp.arange(length, dtype=jnp.int32)
+        else:
+            check_cache(cache, self.config, b, length)
+            start, index = cache.start, cache.index
+            k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+        q_slots = index + jnp.arange(length, dtype=jnp.int32)
+        positions = q_slots[None, :] - start[:, None]  # [B, T]
+        cos, sin = rope_angles(positions, inv_frequencies(t.head_dim, t.rope_theta, t.rope_scaling))
+        mask = causal_mask(q_slots, k_slots, start)
+
+        if cross is not None:
+            rows = jnp.clip(positions, 0, cross.tile_mask.shape[1] - 1)  # left padding: any row (never read)
+            tiles = jnp.take_along_axis(cross.tile_mask, rows[:, :, None, None], axis=1)  # [B, T, I, R]
+            xmask = token_mask(tiles, cross.tokens_per_tile)  # [B, T, N_v]
+            row_mask = tiles.reshape(b, length, -1).any(axis=-1) & (positions >= 0)
+
+        h = self.embed_tokens(tokens)
+        schedule = t.meta_fusion_schedule
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            if cross is not None and i in schedule:
+                j = schedule.index(i)
+                h = self.cross_layers[j](h, cross.kv[j], xmask, row_mask)
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h, layer_kv = block(h, cos, sin, mask, kv, index)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        if last_only:
+            h = h[:, -1:]
+        h = self.norm(h)
+        logits = jnp.einsum("btd,vd->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
+        if cache is None:
+            return logits, None
+        return logits, dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v), index=index + length)
