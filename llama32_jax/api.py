@@ -278,11 +278,6 @@ def load(
         from llama32_jax.tokenizer import load_tokenizer
 
         config, params = restore_params(path, param_dtype=param_dtype)
-        if config.is_vision:
-            raise CheckpointError(
-                f"{path!r} holds a Llama 3.2 Vision checkpoint; the vision model is not available yet "
-                "(llama32_jax.checkpoint.orbax_ckpt.restore_params(path) returns its parameter tree)"
-            )
         config = config.replace(scan_layers=scan_layers)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = load_tokenizer(path) if has_tok else None

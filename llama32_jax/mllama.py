@@ -125,3 +125,30 @@ class MllamaText(nnx.Module):
         if cache is None:
             return logits, None
         return logits, dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v), index=index + length)
+
+
+class Mllama(MllamaText):
+    """Llama 3.2 Vision: :class:`MllamaText` plus the vision tower (``vision.*``, ``projector``; vision.py).
+
+    ``model.cross_inputs(pixel_values, aspect_ratio_ids, tile_mask)`` encodes a batch's images once and returns the
+    :class:`CrossInputs` every later call (prefill and each decode step) reads; ``model(tokens, cache,
+    cross=...)`` as in :class:`MllamaText`. Without images (``cross=None``) the cross-attention blocks are skipped.
+    """
+
+    def __init__(self, config: ModelConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
+        from llama32_jax.vision import VisionTower
+
+        super().__init__(config, param_dtype=param_dtype, rngs=rngs)
+        tower = VisionTower(config, param_dtype=param_dtype, rngs=rngs)
+        self.vision = tower.vision
+        self.projector = tower.projector
+
+    def encode_images(self, pixel_values: jax.Array, aspect_ratio_ids: jax.Array) -> jax.Array:
+        """``[B, I, R, C, H, W]`` tiles + ``[B, I]`` aspect-ratio ids -> vision tokens ``[B, I, R, P, D]``."""
+        return self.projector(self.vision(pixel_values, aspect_ratio_ids))
+
+    def cross_inputs(self, pixel_values: jax.Array, aspect_ratio_ids: jax.Array, tile_mask: jax.Array) -> CrossInputs:
+        """Encode the images and compute every cross-attention block's K/V (once per image set)."""
+        tokens = self.encode_images(pixel_values, aspect_ratio_ids)
+        b, _, _, p, d = tokens.shape
+        return CrossInputs(self.vision_kv(tokens.reshape(b, -1, d)), jnp.asarray(tile_mask, bool), p)

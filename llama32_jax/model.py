@@ -18,8 +18,11 @@ from llama32_jax.text import Transformer, check_cache, stack_layers, unstack_lay
 
 
 def model_class(config: ModelConfig) -> type[nnx.Module]:
+    """:class:`~llama32_jax.text.Transformer` for text configs, :class:`~llama32_jax.mllama.Mllama` for vision."""
     if config.is_vision:
-        raise NotImplementedError("the vision model arrives with the vision issue; use a text config")
+        from llama32_jax.mllama import Mllama
+
+        return Mllama
     return Transformer
 
 

@@ -161,8 +161,7 @@ def read_hf_params(directory: str | os.PathLike, *, scan_layers: bool = False) -
     directory = Path(directory)
     config = from_hf_config(directory, name=directory.name or "hf", scan_layers=scan_layers)
     if config.is_vision:
-        raise CheckpointError(
-            f"{str(directory)!r} is an mllama (Llama 3.2 Vision) checkpoint; the vision model is not "
-            "available yet (llama32_jax.convert already converts the checkpoint to Orbax)"
-        )
+        from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict
+
+        return config, vision_params_from_state_dict(config, dict(iter_hf_tensors(directory)), "hf")
     return config, params_from_state_dict(config, dict(iter_hf_tensors(directory)), "hf")

@@ -273,8 +273,7 @@ def read_meta_params(
         params_json, rope_factor=rope_factor, tie_embeddings=tie_embeddings, name=root.name, scan_layers=scan_layers
     )
     if config.is_vision:
-        raise CheckpointError(
-            f"{root}: vision checkpoints are not loadable yet (the vision model is not available); "
-            "llama32_jax.convert already converts them to Orbax"
-        )
+        from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict
+
+        return config, vision_params_from_state_dict(config, tensors, "meta")
     return config, params_from_state_dict(config, tensors, "meta")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -18,6 +19,8 @@ import torch
 import llama32_jax as lj
 from llama32_jax.checkpoint.orbax_ckpt import read_manifest, restore_params
 from llama32_jax.errors import CheckpointError
+from llama32_jax.mllama import Mllama
+from llama32_jax.model import load_params
 from tests.checkpoint.test_vision_keymap import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
 from tests.refs_vision import CFG
 
@@ -88,8 +91,18 @@ def test_meta_vision_directory_converts(tmp_path, meta_sd, params, n_shards):  #
     assert config == CFG and record["source"]["format"] == "meta"
     _, restored = restore_params(out)
     _assert_tree_equal(restored, params)
-    with pytest.raises(CheckpointError, match="vision model is not available yet"):
-        lj.load(out)
+    _assert_loads_as_the_tree(out, params)
+
+
+def _assert_loads_as_the_tree(path, params) -> None:  # noqa: F811
+    """``lj.load`` builds the vision model from the checkpoint; its (text-only) logits equal the tree's."""
+    model = lj.load(path, dtype="float32")
+    assert isinstance(model.module, Mllama)
+    want = load_params(CFG, params, param_dtype=jnp.float32)
+    tokens = [[1, 2, 3, 4, 5, 6, 7]]
+    np.testing.assert_array_equal(
+        np.asarray(model.logits(tokens)), np.asarray(lj.forward(want, jnp.asarray(tokens))[0])
+    )
 
 
 def test_hf_vision_directory_converts(tmp_path, hf_model, params):  # noqa: F811
@@ -100,6 +113,8 @@ def test_hf_vision_directory_converts(tmp_path, hf_model, params):  # noqa: F811
     assert config.text.hf_cross_attention_layers == CFG.text.hf_cross_attention_layers
     _, restored = restore_params(out)
     _assert_tree_equal(restored, params)
+    _assert_loads_as_the_tree(out, params)
+    _assert_loads_as_the_tree(tmp_path / "hf", params)  # the HF directory directly
 
 
 def test_vision_shard_that_differs_where_replicated_is_named(tmp_path, meta_sd):  # noqa: F811
