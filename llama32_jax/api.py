@@ -55,13 +55,16 @@ class Model:
     def logits(self, token_ids: Any, images: Any = None) -> np.ndarray:
         """Full-sequence logits: ``token_ids [B, T]`` ints (model ids) -> ``[B, T, V]`` float32 numpy."""
         if images is not None:
-            raise InvalidInputError(f"{self.config.name} is a text model; images are not accepted")
+            raise InvalidInputError(
+                f"{self.config.name}: logits take no images yet (generate(..., images=...) does); pass images=None"
+            )
         ids = np.asarray(token_ids)
         if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise InvalidInputError(
                 f"token_ids must be a non-empty integer array [batch, length], got {ids.dtype}{list(ids.shape)}"
             )
-        vocab = self.config.text.vocab_size
+        text = self.config.text
+        vocab = text.vocab_size + (text.n_image_embeddings if self.config.is_vision else 0)
         if ids.min() < 0 or ids.max() >= vocab:
             raise InvalidInputError(f"token_ids must lie in [0, {vocab}), got min {ids.min()} max {ids.max()}")
         if ids.shape[1] > self.config.text.max_position_embeddings:
@@ -96,16 +99,18 @@ class Model:
         defaults to the tokenizer's stop tokens (Llama 3 instruct: 128001, 128008, 128009).
         ``stream(i, text_delta)`` receives each prompt's new text as it is generated. Returns the texts, or
         :class:`Completion` records with ``return_details=True``.
+
+        Vision models: ``images`` holds one list of images per prompt (PIL images, uint8 arrays or file paths; a
+        prompt may have none), one for each ``<|image|>`` in the prompt, in order.
         """
-        if images is not None:
-            raise InvalidInputError(f"{self.config.name} is a text model; images are not accepted")
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise InvalidInputError("prompts must be a non-empty list of strings or of token-id lists")
-        ids = [self._encode_prompt(p, i, add_bos) for i, p in enumerate(prompts)]
+        batch = self._preprocess_images(images, len(prompts))
+        ids = [self._model_ids(self._encode_prompt(p, i, add_bos)) for i, p in enumerate(prompts)]
         return self._generate_ids(
-            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details
+            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch
         )
 
     def chat(
@@ -133,9 +138,13 @@ class Model:
         if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
             raise InvalidInputError("dialogs must be a non-empty list of messages, or a list of such lists")
         fmt = self._get_chat_format()
-        ids = [fmt.encode_dialog(list(d), add_generation_prompt=True, **format_options) for d in dialogs]
+        ids = [
+            self._model_ids(fmt.encode_dialog(list(d), add_generation_prompt=True, **format_options)) for d in dialogs
+        ]
+        images = [_dialog_images(d) for d in dialogs]
+        batch = self._preprocess_images(images if any(images) else None, len(dialogs))
         return self._generate_ids(
-            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details
+            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch
         )
 
     # ----------------------------------------------------------------------------------------------------------
@@ -166,8 +175,37 @@ class Model:
             return [int(t) for t in prompt]
         raise InvalidInputError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
 
+    def _preprocess_images(self, images, n: int):
+        if images is None:
+            return None
+        if not self.config.is_vision:
+            raise InvalidInputError(f"{self.config.name} is a text model; images are not accepted")
+        from llama32_jax.image import preprocess
+
+        if not isinstance(images, (list, tuple)) or len(images) != n:
+            raise InvalidInputError(f"images must hold one list of images per prompt ({n} prompts)")
+        return preprocess(images, self.config.vision)
+
+    def _model_ids(self, ids: list[int]) -> list[int]:
+        """Meta's tokenizer writes ``<|image|>`` as 128011; the model's embedding row is ``config.image_token_id``."""
+        tokenizer_image = getattr(self.tokenizer, "image_id", None)
+        if self.config.is_vision and tokenizer_image is not None and tokenizer_image != self.config.image_token_id:
+            return [self.config.image_token_id if t == tokenizer_image else t for t in ids]
+        return ids
+
     def _generate_ids(
-        self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details
+        self,
+        ids,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        stop_ids,
+        logprobs,
+        stream,
+        return_details,
+        images=None,
     ):
         if stop_ids is None:
             stop_ids = list(self.tokenizer.stop_ids) if self.tokenizer is not None else []
@@ -183,6 +221,7 @@ class Model:
             stop_ids=stop_ids,
             logprobs=logprobs,
             on_step=on_step,
+            images=images,
         )
         completions = [self._completion(o) for o in outs]
         return completions if return_details else [c.text for c in completions]
@@ -197,6 +236,19 @@ class Model:
             prompt_tokens=out.prompt_length,
             logprobs=out.logprobs,
         )
+
+
+def _dialog_images(dialog) -> list:
+    """The image payloads of a dialog's ``{"type": "image", "image": ...}`` parts, in order."""
+    out = []
+    for message in dialog if isinstance(dialog, (list, tuple)) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, (list, tuple)) else []:
+            if isinstance(part, dict) and part.get("type") == "image":
+                if "image" not in part:
+                    raise InvalidInputError('an image part needs its image: {"type": "image", "image": <PIL image>}')
+                out.append(part["image"])
+    return out
 
 
 class _TextStreamer:

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -95,12 +96,23 @@ def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
+def _cross_kw(cross) -> dict:
+    """Text models take no ``cross`` argument; vision models get their encoded images (or None: text only)."""
+    return {} if cross is None else {"cross": cross}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _encode_images(graphdef, state, pixel_values, aspect_ratio_ids, tile_mask):
+    """The images' cross-attention inputs, once per request batch (vision tower + every block's K/V)."""
+    return nnx.merge(graphdef, state).cross_inputs(pixel_values, aspect_ratio_ids, tile_mask)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "cache_dtype"))
-def _prefill(graphdef, state, tokens, start, *, cache_len: int, cache_dtype):
+def _prefill(graphdef, state, tokens, start, cross=None, *, cache_len: int, cache_dtype):
     model = nnx.merge(graphdef, state)
     b = tokens.shape[0]
     cache = KVCache.init(model.config, b, cache_len, dtype=cache_dtype, start=start)
-    logits, cache = model(tokens, cache, last_only=True)
+    logits, cache = model(tokens, cache, last_only=True, **_cross_kw(cross))
     return logits[:, 0], cache
 
 
@@ -109,7 +121,7 @@ def _prefill(graphdef, state, tokens, start, *, cache_len: int, cache_dtype):
     static_argnames=("graphdef", "max_steps", "stochastic", "filtered", "stream"),
     donate_argnames=("cache",),
 )
-def _decode(graphdef, state, logits, cache, s: SamplingState, *, max_steps, stochastic, filtered, stream):
+def _decode(graphdef, state, logits, cache, s: SamplingState, cross=None, *, max_steps, stochastic, filtered, stream):
     """Sample, feed back, repeat: tokens ``[B, max_steps]``, logprobs, lengths; exits when all sequences stop.
 
     The final cache is returned (and dropped by the caller) so that XLA can alias it to the donated input: the
@@ -138,7 +150,7 @@ def _decode(graphdef, state, logits, cache, s: SamplingState, *, max_steps, stoc
 
     def body(carry):
         step, tok, cache, done, out, lps, lengths = carry
-        logits, cache = model(tok[:, None], cache, last_only=True)
+        logits, cache = model(tok[:, None], cache, last_only=True, **_cross_kw(cross))
         logits = logits[:, 0]
         new = sample(logits, s, step, stochastic=stochastic, filtered=filtered)
         new = jnp.where(done, 0, new)
@@ -178,6 +190,7 @@ def stops_per_sequence(stop_ids: Sequence[int] | Sequence[Sequence[int]], n: int
 
 
 def _validate(prompts, vocab: int, context: int, max_new: list[int]) -> None:
+    """``vocab``: the number of valid input ids (vision models: the text vocabulary + the image-token rows)."""
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InvalidInputError("prompts must be a non-empty list of token-id lists")
     for i, p in enumerate(prompts):
@@ -208,19 +221,29 @@ def generate_tokens(
     logprobs: bool = False,
     on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
     pad_id: int = 0,
+    images: Any = None,
 ) -> list[GenerationOutput]:
     """Generate from token-id prompts; every sampling argument is one value or one per prompt.
 
     ``stop_ids`` is one list for all prompts or one list per prompt. ``on_step(step, tokens [B], done [B])`` is
     called from the device loop for every generated position (``done`` marks sequences that had already
     stopped, whose token is meaningless).
+
+    ``images`` (vision models): an :class:`llama32_jax.image.ImageBatch` with one row per prompt, holding as many
+    images as the prompt has ``<|image|>`` tokens (``config.image_token_id``), in order; a prompt may have none.
+    The images are encoded once; which tokens see which image follows Meta (SPEC §4.3): each image from its token
+    to the next image token, a single image up to the end, generated tokens included.
     """
     n = len(prompts) if isinstance(prompts, (list, tuple)) else 0
-    text = model.config.text
+    config = model.config
+    text = config.text
     max_new = _per_sequence(max_new_tokens, max(n, 1), "max_new_tokens")
     if any(not _is_int(m) or m < 1 for m in max_new):
         raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens}")
-    _validate(prompts, text.vocab_size, text.max_position_embeddings, max_new)
+    if images is not None and not config.is_vision:
+        raise InvalidInputError(f"{config.name} is a text model; images are not accepted")
+    n_ids = text.vocab_size + (text.n_image_embeddings if config.is_vision else 0)
+    _validate(prompts, n_ids, text.max_position_embeddings, max_new)
     temps = [float(t) for t in _per_sequence(temperature, n, "temperature")]
     ks = _per_sequence(top_k, n, "top_k")
     ps = [float(p) for p in _per_sequence(top_p, n, "top_p")]
@@ -260,8 +283,18 @@ def generate_tokens(
     )
     graphdef, state = nnx.split(model)
     cache_dtype = jnp.dtype(model.embed.embedding.dtype)
+    cross = None
+    if images is not None:
+        tile_mask = _tile_mask(config, prompts, images, cache_len)
+        cross = _encode_images(
+            graphdef,
+            state,
+            jnp.asarray(images.pixel_values, cache_dtype),
+            jnp.asarray(images.aspect_ratio_ids),
+            jnp.asarray(tile_mask),
+        )
     logits, cache = _prefill(
-        graphdef, state, jnp.asarray(tokens), jnp.asarray(start), cache_len=cache_len, cache_dtype=cache_dtype
+        graphdef, state, jnp.asarray(tokens), jnp.asarray(start), cross, cache_len=cache_len, cache_dtype=cache_dtype
     )
     stochastic = any(t > 0 for t in temps)
     filtered = stochastic and any(k > 0 or p < 1.0 for k, p, t in zip(ks, ps, temps, strict=True) if t > 0)
@@ -272,6 +305,7 @@ def generate_tokens(
         logits,
         cache,
         state_s,
+        cross,
         max_steps=steps,
         stochastic=stochastic,
         filtered=filtered,
@@ -291,6 +325,24 @@ def generate_tokens(
             )
         )
     return results
+
+
+def _tile_mask(config, prompts, images, length: int) -> np.ndarray:
+    """``[B, length, I, R]``: which image tiles each token position may attend to (llama32_jax.cross_mask)."""
+    from llama32_jax.cross_mask import dense_cross_attention_mask, image_token_ranges
+
+    pixel_values = getattr(images, "pixel_values", None)
+    if pixel_values is None or not hasattr(images, "num_tiles") or not hasattr(images, "aspect_ratio_ids"):
+        raise InvalidInputError("images must be an llama32_jax.image.ImageBatch (llama32_jax.image.preprocess)")
+    if len(images.num_tiles) != len(prompts):
+        raise InvalidInputError(
+            f"images has {len(images.num_tiles)} rows for {len(prompts)} prompts; give one per prompt"
+        )
+    ranges = [image_token_ranges(p, config.image_token_id) for p in prompts]
+    v = config.vision
+    return dense_cross_attention_mask(
+        ranges, images.num_tiles, length, v.max_num_tiles, max_images=int(np.shape(pixel_values)[1])
+    )
 
 
 class _HostCallback:

@@ -328,7 +328,8 @@ def preprocess(
     """Preprocess a batch of prompts' images for the Mllama vision encoder (SPEC §6).
 
     Args:
-        images: one list per prompt, each holding that prompt's images (at least one), in ``<|image|>`` order.
+        images: one list per prompt, each holding that prompt's images in ``<|image|>`` order; a prompt may have
+            none (a mixed batch: its slots are padding), but at least one prompt must have an image.
             An image is a PIL image, a numpy uint8 array ((H, W) or channels-last (H, W, 1|2|3|4)) or a file path;
             see :func:`load_image` and :func:`to_rgb` for how each is read and converted to RGB.
         config: the vision config (tile size ``image_size``, ``max_num_tiles``, ``supported_aspect_ratios``);
@@ -340,7 +341,8 @@ def preprocess(
         An :class:`ImageBatch`; ``N`` = the largest number of images of any prompt.
 
     Raises:
-        InvalidInputError: an empty batch or prompt, too many images, or a bad image (named ``images[b][i]``).
+        InvalidInputError: an empty batch, no image at all, too many images, or a bad image (named
+            ``images[b][i]``).
     """
     config = config or VisionConfig()
     tile, ratios = _vision_geometry(config)
@@ -361,15 +363,12 @@ def preprocess(
                 f"images[{b}] must be a list of images (one prompt's images), got {type(prompt).__name__}; "
                 "wrap single images as [[img]]"
             )
-        if len(prompt) == 0:
-            raise InvalidInputError(
-                f"images[{b}] is empty; every prompt in an image batch needs at least one image "
-                "(run text-only prompts without images)"
-            )
         if max_images is not None and len(prompt) > max_images:
             raise InvalidInputError(f"images[{b}] has {len(prompt)} images, more than max_images={max_images}")
 
     n_images = max(len(prompt) for prompt in images)
+    if n_images == 0:
+        raise InvalidInputError("no prompt in images has an image; run text-only prompts without images")
     max_tiles = config.max_num_tiles
     pixel_values = np.zeros((len(images), n_images, max_tiles, 3, tile, tile), dtype=np.float32)
     aspect_ratio_ids = np.zeros((len(images), n_images), dtype=np.int32)

@@ -391,7 +391,9 @@ def test_bad_batch_structure():
     _raises(r"images must be a list .* got Image", Image.fromarray(image))
     _raises(r"images must be a list .* got str", "photo.png")
     _raises(r"images\[0\] must be a list of images .* got ndarray", [image])
-    _raises(r"images\[1\] is empty", [[image], []])
+    _raises("no prompt in images has an image", [[], []])
+    mixed = preprocess([[image], []])  # a batch may mix prompts with and without images
+    assert mixed.num_tiles[1] == [] and (mixed.aspect_ratio_ids[1] == 0).all() and not mixed.pixel_values[1].any()
     _raises(r"images\[1\] has 3 images, more than max_images=2", [[image], [image] * 3], max_images=2)
     _raises("max_images must be a positive int", [[image]], max_images=0)
     assert preprocess([[image, image]], max_images=2).num_tiles == [[1, 1]]

@@ -1,0 +1,97 @@
+"""Multimodal generation through our API on the tiny random Mllama, against HF ``MllamaForConditionalGeneration``.
+
+Greedy, token-id prompts with one image each at the start: there HF's and Meta's masking agree on every row,
+generated tokens included (one image is visible to the end; HF repeats the last mask row, Meta's range is open).
+Images go through our preprocessing (equal to HF's processor, tests/unit/test_image.py) at the tiny tile size.
+transformers 5.24's one-layer-late intermediate vision features are realigned in memory first.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llama32_jax.api import Model
+from llama32_jax.generate import generate_tokens
+from llama32_jax.image import preprocess
+from llama32_jax.model import load_params
+from tests.checkpoint.test_vision_keymap import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
+from tests.refs_vision import CFG, IMG, align_hf_intermediate_layers
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")
+NEW = 6
+S = CFG.vision.image_size
+PROMPTS = [[IMG, 5, 17, 300, 9, 41], [IMG, 44, 2, 13]]
+
+
+@pytest.fixture(scope="module")
+def ours(params):  # noqa: F811
+    import jax.numpy as jnp
+
+    return load_params(CFG, params, param_dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(7)
+    # (2, 1) and (1, 3) tile canvases at the tiny tile size.
+    return [[rng.integers(0, 256, (2 * S, S, 3), dtype=np.uint8)], [rng.integers(0, 256, (S, 3 * S - 5, 3), np.uint8)]]
+
+
+def _hf_greedy(model, prompt, batch, b) -> list[int]:
+    import torch
+    from transformers.models.mllama.processing_mllama import (
+        convert_sparse_cross_attention_mask_to_dense,
+        get_cross_attention_token_mask,
+    )
+
+    dense = convert_sparse_cross_attention_mask_to_dense(
+        [get_cross_attention_token_mask(prompt, IMG)], [batch.num_tiles[b]], CFG.vision.max_num_tiles, len(prompt)
+    )
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]),
+            pixel_values=torch.from_numpy(batch.pixel_values[b : b + 1, :1]),
+            aspect_ratio_ids=torch.from_numpy(batch.aspect_ratio_ids[b : b + 1, :1]).long(),
+            aspect_ratio_mask=torch.from_numpy(batch.aspect_ratio_mask[b : b + 1, :1]).long(),
+            cross_attention_mask=torch.from_numpy(dense),
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def test_greedy_generation_equals_hf(ours, hf_model, images):  # noqa: F811
+    align_hf_intermediate_layers(hf_model)
+    hf_model.generation_config.eos_token_id = None
+    batch = preprocess(images, CFG.vision)
+    assert [r[0] for r in batch.num_tiles] == [2, 3]
+    got = generate_tokens(ours, PROMPTS, max_new_tokens=NEW, images=batch)  # one padded batch
+    for b, prompt in enumerate(PROMPTS):
+        assert got[b].tokens == _hf_greedy(hf_model, prompt, batch, b), f"prompt {b}"
+
+
+def test_mixed_batch_equals_each_request_alone(ours, images):
+    """A batch may mix requests with and without images: each result equals its request run alone."""
+    text_only = [3, 8, 21, 7, 7, 100, 12]
+    api = Model(ours)
+    mixed = api.generate([PROMPTS[0], text_only], images=[images[0], []], max_new_tokens=NEW, return_details=True)
+    alone_image = api.generate([PROMPTS[0]], images=[images[0]], max_new_tokens=NEW, return_details=True)
+    alone_text = api.generate([text_only], max_new_tokens=NEW, return_details=True)
+    assert mixed[0].tokens == alone_image[0].tokens
+    assert mixed[1].tokens == alone_text[0].tokens
+    # And the image matters: the same prompt without its image generates something else.
+    blind = generate_tokens(ours, [PROMPTS[0]], max_new_tokens=NEW)
+    assert blind[0].tokens != alone_image[0].tokens
+
+
+def test_bad_image_requests_are_named(ours, images):
+    from llama32_jax.errors import InvalidInputError
+
+    api = Model(ours)
+    with pytest.raises(InvalidInputError, match=r"prompt 0 has 1 <\|image\|> token\(s\) but 2 image"):
+        api.generate([PROMPTS[0]], images=[[images[0][0], images[1][0]]], max_new_tokens=2)
+    with pytest.raises(InvalidInputError, match="one list of images per prompt"):
+        api.generate(PROMPTS, images=[images[0]], max_new_tokens=2)
