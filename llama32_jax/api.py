@@ -19,6 +19,7 @@ from llama32_jax.model import forward, load_params
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
+IMAGE_MARKER = "<|image|>"  # in a text prompt given with images: where each image goes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,9 @@ class Model:
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise InvalidInputError("prompts must be a non-empty list of strings or of token-id lists")
         batch = self._preprocess_images(images, len(prompts))
-        ids = [self._model_ids(self._encode_prompt(p, i, add_bos)) for i, p in enumerate(prompts)]
+        ids = [
+            self._model_ids(self._encode_prompt(p, i, add_bos, images=batch is not None)) for i, p in enumerate(prompts)
+        ]
         return self._generate_ids(
             ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch
         )
@@ -162,7 +165,9 @@ class Model:
             self._chat_format = chat_format_for(self._require_tokenizer())
         return self._chat_format
 
-    def _encode_prompt(self, prompt, i: int, add_bos: bool | None) -> list[int]:
+    def _encode_prompt(self, prompt, i: int, add_bos: bool | None, *, images: bool = False) -> list[int]:
+        """Text is encoded as plain text (special-token strings are not parsed), except that with images each
+        ``<|image|>`` marks where an image goes."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidInputError(f"prompt {i} is an empty string")
@@ -170,7 +175,15 @@ class Model:
             bos = tok.add_bos if add_bos is None else add_bos
             if bos and tok.bos_id is None:
                 raise InvalidInputError("add_bos=True but the tokenizer has no BOS token")
-            return tok.encode(prompt, bos=bos)
+            if not images:
+                return tok.encode(prompt, bos=bos)
+            ids = [tok.bos_id] if bos else []
+            for k, piece in enumerate(prompt.split(IMAGE_MARKER)):
+                if k:
+                    ids.append(self.config.image_token_id)
+                if piece:
+                    ids += tok.encode(piece, bos=False)
+            return ids
         if isinstance(prompt, (list, tuple, np.ndarray)):
             return [int(t) for t in prompt]
         raise InvalidInputError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")

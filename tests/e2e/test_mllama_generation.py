@@ -95,3 +95,15 @@ def test_bad_image_requests_are_named(ours, images):
         api.generate([PROMPTS[0]], images=[[images[0][0], images[1][0]]], max_new_tokens=2)
     with pytest.raises(InvalidInputError, match="one list of images per prompt"):
         api.generate(PROMPTS, images=[images[0]], max_new_tokens=2)
+
+
+def test_text_prompt_marks_images_with_the_image_string(ours):
+    """With images, ``<|image|>`` in a text prompt becomes the model's image token; without, text stays text."""
+    from llama32_jax.tokenizer import LlamaTokenizer, default_llama3_tokenizer_path
+
+    tok = LlamaTokenizer.from_file(default_llama3_tokenizer_path())
+    api = Model(ours, tok)
+    ids = api._encode_prompt("<|image|>Describe this photo:", 0, None, images=True)
+    assert ids == [tok.bos_id, CFG.image_token_id, *tok.encode("Describe this photo:", bos=False)]
+    plain = api._encode_prompt("<|image|>Describe", 0, None)
+    assert CFG.image_token_id not in plain and tok.image_id not in plain
