@@ -22,14 +22,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama32_jax import dims
-from llama32_jax.attention import causal_mask
 from llama32_jax.cache import KVCache
 from llama32_jax.configs import ModelConfig
 from llama32_jax.cross_attention import CrossAttentionBlock, VisionKV, token_mask
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.layers import Embed, RMSNorm, make_param
-from llama32_jax.rope import inv_frequencies, rope_angles
-from llama32_jax.text import DecoderBlock, check_cache
+from llama32_jax.text import DecoderBlock, token_positions
 
 
 @jax.tree_util.register_dataclass
@@ -84,21 +82,8 @@ class MllamaText(nnx.Module):
         last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
         t = self.config.text
-        if tokens.ndim != 2:
-            raise InvalidInputError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        index, positions, cos, sin, mask = token_positions(self.config, tokens, cache)
         b, length = tokens.shape
-        if cache is None:
-            start = jnp.zeros((b,), jnp.int32)
-            index = jnp.zeros((), jnp.int32)
-            k_slots = jnp.arange(length, dtype=jnp.int32)
-        else:
-            check_cache(cache, self.config, b, length)
-            start, index = cache.start, cache.index
-            k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-        q_slots = index + jnp.arange(length, dtype=jnp.int32)
-        positions = q_slots[None, :] - start[:, None]  # [B, T]
-        cos, sin = rope_angles(positions, inv_frequencies(t.head_dim, t.rope_theta, t.rope_scaling))
-        mask = causal_mask(q_slots, k_slots, start)
 
         if cross is not None:
             rows = jnp.clip(positions, 0, cross.tile_mask.shape[1] - 1)  # left padding: any row (never read)

@@ -112,21 +112,7 @@ class Transformer(nnx.Module):
         and with left padding the last slot holds every sequence's last prompt token.
         """
         t = self.config.text
-        if tokens.ndim != 2:
-            raise InvalidInputError(f"tokens must be [batch, length], got shape {tokens.shape}")
-        b, length = tokens.shape
-        if cache is None:
-            start = jnp.zeros((b,), jnp.int32)
-            index = jnp.zeros((), jnp.int32)
-            k_slots = jnp.arange(length, dtype=jnp.int32)
-        else:
-            check_cache(cache, self.config, b, length)
-            start, index = cache.start, cache.index
-            k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
-        q_slots = index + jnp.arange(length, dtype=jnp.int32)  # [T]
-        positions = q_slots[None, :] - start[:, None]  # [B, T]
-        cos, sin = rope_angles(positions, inv_frequencies(t.head_dim, t.rope_theta, t.rope_scaling))
-        mask = causal_mask(q_slots, k_slots, start)  # [B, T, S]
+        index, _, cos, sin, mask = token_positions(self.config, tokens, cache)
 
         h = self.embed(tokens)  # [B, T, D]
         h, new_k, new_v = self._run_layers(h, cos, sin, mask, cache, index)
@@ -139,7 +125,7 @@ class Transformer(nnx.Module):
             logits = jnp.einsum("btd,vd->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
         if cache is None:
             return logits, None
-        return logits, dataclasses.replace(cache, k=new_k, v=new_v, index=index + length)
+        return logits, dataclasses.replace(cache, k=new_k, v=new_v, index=index + tokens.shape[1])
 
     def _run_layers(self, h, cos, sin, mask, cache: KVCache | None, index):
         if self.config.scan_layers:
@@ -162,6 +148,30 @@ class Transformer(nnx.Module):
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
         return h, tuple(new_k), tuple(new_v)
+
+
+def token_positions(config: ModelConfig, tokens: jax.Array, cache: KVCache | None):
+    """Where ``tokens [B, T]`` go: ``(index, positions [B, T], cos, sin, causal mask [B, T, S])``.
+
+    Without a cache the tokens are a whole (unpadded) sequence; with one they are written at ``cache.index`` and
+    each sequence's positions count from its first valid slot ``cache.start`` (left padding).
+    """
+    t = config.text
+    if tokens.ndim != 2:
+        raise InvalidInputError(f"tokens must be [batch, length], got shape {tokens.shape}")
+    b, length = tokens.shape
+    if cache is None:
+        start = jnp.zeros((b,), jnp.int32)
+        index = jnp.zeros((), jnp.int32)
+        k_slots = jnp.arange(length, dtype=jnp.int32)
+    else:
+        check_cache(cache, config, b, length)
+        start, index = cache.start, cache.index
+        k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
+    q_slots = index + jnp.arange(length, dtype=jnp.int32)  # [T]
+    positions = q_slots[None, :] - start[:, None]  # [B, T]
+    cos, sin = rope_angles(positions, inv_frequencies(t.head_dim, t.rope_theta, t.rope_scaling))
+    return index, positions, cos, sin, causal_mask(q_slots, k_slots, start)
 
 
 def check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int) -> None:

@@ -32,6 +32,7 @@ from llama32_jax.attention import attention
 from llama32_jax.configs import ModelConfig, VisionConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.layers import HeadsProjection, MergeHeadsProjection, make_param
+from llama32_jax.model import _flatten
 
 # Logical axis names of the vision parameters (a sharding plan maps them onto mesh axes; see dims.py for the text
 # model's). The projector's output axis is the text width, ``dims.EMBED``.
@@ -397,16 +398,6 @@ def check_vision_inputs(v: VisionConfig, pixel_values: Any, ids: Any) -> None:
 def abstract_vision_tower(config: ModelConfig, *, param_dtype=jnp.bfloat16) -> VisionTower:
     """The tower with ``jax.ShapeDtypeStruct`` leaves (shapes, dtypes, axes; nothing allocated)."""
     return nnx.eval_shape(lambda: VisionTower(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
 
 
 def _names(paths) -> str:
