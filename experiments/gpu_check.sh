@@ -9,6 +9,11 @@
 # wheels in .whl (llama-models and its pure-Python needs, fairscale, gguf). The SmolLM2 GGUF fixture (94 MB) and the
 # notebook stack cannot travel, so those tests skip there, by name (LLAMA32_JAX_SKIP_MISSING_FIXTURES=1).
 # Each step has its own time limit, so one failure or hang still leaves the other results.
+# Build .whl here first (ignored by git; cp312 manylinux wheels, no dependencies resolved):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     llama-models==0.3.0 gguf pydantic pydantic-core annotated-types typing-inspection typing_extensions termcolor
+#   pip wheel --no-deps fairscale==0.4.13 -w .whl        # fairscale ships as an sdist only
 set -u
 PY=${PYTHON:-python3}
 OUT=${OUT:?set OUT to a results folder}
