@@ -152,11 +152,7 @@ class MetaShards:
 
     def parts(self, key: str) -> list[np.ndarray]:
         """The shards' slices of ``key`` as numpy views onto the maps (no copy)."""
-        states = self._open()
-        try:
-            return [to_numpy(s[key]) for s in states]
-        except RuntimeError as e:  # e.g. a storage whose bytes the (truncated) file does not hold
-            raise CheckpointError(f"cannot read tensor {key!r} from {self.files[0].parent}: {e}") from e
+        return [self._part(i, key) for i in range(len(self.files))]
 
     def tensor(self, key: str) -> np.ndarray:
         """``key`` merged across shards: a view onto the map for one shard, else a new concatenated array.
@@ -209,7 +205,7 @@ class MetaShards:
             self._states[i] = _open_shard(self.files[i])
         try:
             return to_numpy(self._states[i][key])
-        except RuntimeError as e:
+        except RuntimeError as e:  # e.g. a storage whose bytes the (truncated) file does not hold
             raise CheckpointError(f"cannot read tensor {key!r} from {self.files[i]}: {e}") from e
 
     def equal(self, key_a: str, key_b: str, *, chunk_bytes: int = 64 * 2**20) -> bool:

@@ -21,8 +21,8 @@ from llama32_jax.checkpoint.orbax_ckpt import read_manifest, restore_params
 from llama32_jax.errors import CheckpointError
 from llama32_jax.mllama import Mllama
 from llama32_jax.model import load_params
-from tests.checkpoint.test_vision_keymap import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
 from tests.refs_vision import CFG
+from tests.vision_fixtures import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")
 
@@ -78,7 +78,7 @@ def _assert_tree_equal(got: dict, want: dict) -> None:
 
 
 @pytest.mark.parametrize("n_shards", [1, 2])
-def test_meta_vision_directory_converts(tmp_path, meta_sd, params, n_shards):  # noqa: F811
+def test_meta_vision_directory_converts(tmp_path, meta_sd, params, n_shards):
     src = tmp_path / "meta"
     src.mkdir()
     # Meta's params.json cannot describe a tiny vision encoder (its size is fixed in Meta's code), so the config
@@ -94,7 +94,7 @@ def test_meta_vision_directory_converts(tmp_path, meta_sd, params, n_shards):  #
     _assert_loads_as_the_tree(out, params)
 
 
-def _assert_loads_as_the_tree(path, params) -> None:  # noqa: F811
+def _assert_loads_as_the_tree(path, params) -> None:
     """``lj.load`` builds the vision model from the checkpoint; its (text-only) logits equal the tree's."""
     model = lj.load(path, dtype="float32")
     assert isinstance(model.module, Mllama)
@@ -105,7 +105,7 @@ def _assert_loads_as_the_tree(path, params) -> None:  # noqa: F811
     )
 
 
-def test_hf_vision_directory_converts(tmp_path, hf_model, params):  # noqa: F811
+def test_hf_vision_directory_converts(tmp_path, hf_model, params):
     hf_model.save_pretrained(tmp_path / "hf")
     out = lj.convert(tmp_path / "hf", tmp_path / "orbax", dtype="float32", progress=False)
     _, config = read_manifest(out)
@@ -117,7 +117,7 @@ def test_hf_vision_directory_converts(tmp_path, hf_model, params):  # noqa: F811
     _assert_loads_as_the_tree(tmp_path / "hf", params)  # the HF directory directly
 
 
-def test_vision_shard_that_differs_where_replicated_is_named(tmp_path, meta_sd):  # noqa: F811
+def test_vision_shard_that_differs_where_replicated_is_named(tmp_path, meta_sd):
     src = tmp_path / "meta"
     src.mkdir()
     (src / "params.json").write_text("{}")

@@ -15,8 +15,8 @@ from llama32_jax.api import Model
 from llama32_jax.generate import generate_tokens
 from llama32_jax.image import preprocess
 from llama32_jax.model import load_params
-from tests.checkpoint.test_vision_keymap import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
 from tests.refs_vision import CFG, IMG, align_hf_intermediate_layers
+from tests.vision_fixtures import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")
 NEW = 6
@@ -25,7 +25,7 @@ PROMPTS = [[IMG, 5, 17, 300, 9, 41], [IMG, 44, 2, 13]]
 
 
 @pytest.fixture(scope="module")
-def ours(params):  # noqa: F811
+def ours(params):
     import jax.numpy as jnp
 
     return load_params(CFG, params, param_dtype=jnp.float32)
@@ -63,7 +63,7 @@ def _hf_greedy(model, prompt, batch, b) -> list[int]:
     return out[0, len(prompt) :].tolist()
 
 
-def test_greedy_generation_equals_hf(ours, hf_model, images):  # noqa: F811
+def test_greedy_generation_equals_hf(ours, hf_model, images):
     align_hf_intermediate_layers(hf_model)
     hf_model.generation_config.eos_token_id = None
     batch = preprocess(images, CFG.vision)

@@ -19,7 +19,6 @@ from llama32_jax.cross_mask import dense_cross_attention_mask, image_token_range
 from llama32_jax.mllama import Mllama
 from llama32_jax.model import abstract_model, load_params, param_count
 from llama32_jax.vision import aspect_ratio_ids
-from tests.checkpoint.test_vision_keymap import hf_model, hf_sd, meta_model, meta_sd, params, tiles  # noqa: F401
 from tests.refs_vision import (
     CFG,
     IMAGES,
@@ -31,20 +30,21 @@ from tests.refs_vision import (
     hf_inputs,
     meta_logits,
 )
+from tests.vision_fixtures import hf_model, hf_sd, meta_model, meta_sd, params, tiles  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def ours(params):  # noqa: F811
+def ours(params):
     model = load_params(CFG, params, param_dtype=jnp.float32)
     assert isinstance(model, Mllama)
     return model
 
 
 @pytest.fixture(scope="module")
-def pixels(tiles):  # noqa: F811
+def pixels(tiles):
     v = CFG.vision
     stacked, _ = _import_meta_multimodal()._stack_images(tiles, v.max_num_tiles, v.image_size, 2)
     return stacked  # torch [B, I, R, C, H, W], zero tiles / images where there are none
@@ -60,14 +60,14 @@ def _our_logits(model, pixels) -> np.ndarray:
     return np.asarray(logits)
 
 
-def test_equals_meta_end_to_end(ours, meta_model, tiles, pixels):  # noqa: F811
+def test_equals_meta_end_to_end(ours, meta_model, tiles, pixels):
     expected = meta_logits(meta_model, tiles)
     delta = float(np.abs(_our_logits(ours, pixels) - expected).max())
     print(f"max |ours - meta| logit = {delta:.3g}")
     assert delta <= TOL
 
 
-def test_equals_hf_end_to_end(ours, hf_model, pixels):  # noqa: F811
+def test_equals_hf_end_to_end(ours, hf_model, pixels):
     import torch
 
     align_hf_intermediate_layers(hf_model)

@@ -21,8 +21,6 @@ import pytest
 from flax import nnx
 
 from llama32_jax.checkpoint import keymap_vision as kv
-from llama32_jax.checkpoint.convert import to_numpy
-from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict, vision_state_dict_from_params
 from llama32_jax.configs import LLAMA_3_2_11B_VISION
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.vision import (
@@ -33,7 +31,8 @@ from llama32_jax.vision import (
     num_pad_tokens,
     vision_tokens,
 )
-from tests.refs_vision import CFG, align_hf_intermediate_layers, hf_mllama_config, meta_mllama
+from tests.refs_vision import CFG, align_hf_intermediate_layers
+from tests.vision_fixtures import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")
 
@@ -45,17 +44,6 @@ RATIOS = [[(2, 1), (1, 3), (2, 2)], [(1, 1), (1, 2), (1, 4)], [(3, 1), (4, 1), N
 
 def _subtree(params: dict) -> dict:
     return {"vision": params["vision"], "projector": params["projector"]}
-
-
-@pytest.fixture(scope="module")
-def meta_model():
-    return meta_mllama(CFG, seed=0)
-
-
-@pytest.fixture(scope="module")
-def params(meta_model):
-    sd = {k: to_numpy(v).copy() for k, v in meta_model.state_dict().items()}
-    return vision_params_from_state_dict(CFG, sd, "meta")
 
 
 @pytest.fixture(scope="module")
@@ -86,24 +74,6 @@ def _real_slots():
 @pytest.fixture(scope="module")
 def ours(tower, pixels) -> np.ndarray:
     return np.asarray(vision_tokens(tower, pixels, _ids((0, 0))))
-
-
-@pytest.fixture(scope="module")
-def hf_model(params, tmp_path_factory):
-    import torch
-    from safetensors.numpy import save_file
-    from transformers import MllamaForConditionalGeneration
-
-    sd = vision_state_dict_from_params(CFG, params, "hf")
-    path = tmp_path_factory.mktemp("mllama_vision")
-    hf_mllama_config(CFG).save_pretrained(path)
-    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path / "model.safetensors"))
-    model, info = MllamaForConditionalGeneration.from_pretrained(
-        path, dtype=torch.float32, attn_implementation="eager", output_loading_info=True
-    )
-    for kind, keys in info.items():
-        assert not keys, f"transformers {kind}: {keys}"
-    return model.eval()
 
 
 # --------------------------------------------------------------------------------------------------------------
