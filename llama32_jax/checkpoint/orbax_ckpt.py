@@ -193,25 +193,6 @@ def _abstract_tree(config: ModelConfig, dtype, sharding: Callable[[tuple, tuple]
     return _nest(out)
 
 
-def _abstract_from_stored(path: Path, dtype, sharding: Callable[[tuple, tuple], Any] | None) -> dict:
-    import jax
-
-    from llama32_jax.model import _flatten
-
-    v1 = _orbax_v1()
-    read = getattr(v1, "metadata", None) or v1.pytree_metadata
-    try:
-        stored = read(path).metadata
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read the Orbax checkpoint {str(path)!r}: {e}") from e
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    out = {}
-    for key, leaf in _flatten(stored).items():
-        shape = tuple(leaf.shape)
-        out[key] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(key, shape) if sharding else default)
-    return _nest(out)
-
-
 def restore_params(
     directory: str | os.PathLike,
     *,
@@ -230,10 +211,7 @@ def restore_params(
     dtype = jnp.dtype(param_dtype if param_dtype is not None else record["dtype"])
     v1 = _orbax_v1()
     path = Path(directory) / record.get("params", PARAMS_DIR)
-    if config.is_vision:  # no vision module to take shapes from yet: the stored tree's own shapes
-        target = _abstract_from_stored(path, dtype, sharding)
-    else:
-        target = _abstract_tree(config, dtype, sharding)
+    target = _abstract_tree(config, dtype, sharding)
     load = getattr(v1, "load", None) or v1.load_pytree
     try:
         tree = load(path, target)
