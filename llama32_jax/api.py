@@ -54,11 +54,12 @@ class Model:
 
     # ----------------------------------------------------------------------------------------------------------
     def logits(self, token_ids: Any, images: Any = None) -> np.ndarray:
-        """Full-sequence logits: ``token_ids [B, T]`` ints (model ids) -> ``[B, T, V]`` float32 numpy."""
-        if images is not None:
-            raise InvalidInputError(
-                f"{self.config.name}: logits take no images yet (generate(..., images=...) does); pass images=None"
-            )
+        """Full-sequence logits: ``token_ids [B, T]`` ints (model ids) -> ``[B, T, V]`` float32 numpy.
+
+        ``images`` (vision models): one list of images per row (paths, PIL images or arrays; as many as the row
+        has ``config.image_token_id`` tokens, which mark where they are), or an
+        :class:`~llama32_jax.image.ImageBatch` from :func:`~llama32_jax.image.preprocess`.
+        """
         ids = np.asarray(token_ids)
         if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise InvalidInputError(
@@ -72,8 +73,23 @@ class Model:
             raise InvalidInputError(
                 f"{ids.shape[1]} tokens exceed the model context of {self.config.text.max_position_embeddings}"
             )
-        logits, _ = forward(self.module, jnp.asarray(ids, jnp.int32))
+        cross = None if images is None else self._cross_inputs(ids, images)
+        logits, _ = forward(self.module, jnp.asarray(ids, jnp.int32), cross=cross)
         return np.asarray(logits)
+
+    def _cross_inputs(self, ids: np.ndarray, images: Any):
+        """Encode ``images`` for the rows of ``ids`` (vision tower + cross-attention K/V), as generation does."""
+        from llama32_jax.generate import _encode_images, _tile_mask
+        from llama32_jax.image import ImageBatch
+
+        batch = images if isinstance(images, ImageBatch) else self._preprocess_images(images, ids.shape[0])
+        if not self.config.is_vision:
+            raise InvalidInputError(f"{self.config.name} is a text model; images are not accepted")
+        tile_mask = _tile_mask(self.config, ids.tolist(), batch, ids.shape[1])
+        graphdef, state = nnx.split(self.module)
+        dtype = self.module.embed.embedding.dtype
+        pixels = jnp.asarray(batch.pixel_values, dtype)
+        return _encode_images(graphdef, state, pixels, jnp.asarray(batch.aspect_ratio_ids), jnp.asarray(tile_mask))
 
     # ----------------------------------------------------------------------------------------------------------
     def generate(

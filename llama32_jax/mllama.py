@@ -4,6 +4,15 @@ Layer order (SPEC.md §4.2, Meta's ``CrossAttentionTransformerText``): for each 
 fusion schedule (``config.text.meta_fusion_schedule``), cross-attention block ``j`` runs first, then layer ``i``.
 A call without images (``cross=None``) skips every cross-attention block, as both references do.
 
+Two parameter layouts, as for the text model (``config.scan_layers``):
+
+- unrolled: ``layers.{i}`` and ``cross_layers.{j}``, a Python loop (fastest decode on XLA:CPU);
+- scanned: ``layers`` stacked ``[L, ...]`` and ``cross_layers`` stacked ``[C, ...]``, run as a ``lax.scan`` over
+  ``C`` uniform groups ``[self x (k-1), cross, self]`` with ``k = L / C`` (``[self, self, self, cross, self]`` for
+  11B and 90B: HF's merged 40/100-layer list cut into fives). Compile time stays flat in depth. Group ``g`` holds
+  self layers ``k*g .. k*g+k-1`` and cross block ``g``, which is exactly Meta's fusion schedule (cross block ``j``
+  before self layer ``k*j + k-1``; ``TextConfig`` requires ``L`` to be a multiple of ``C``).
+
 Token ids ``>= vocab_size`` (the image token, 128256 in HF checkpoints) embed through the 8-row
 ``learnable_embedding`` (SPEC §4.5); the output head stays ``vocab_size`` wide.
 
@@ -33,10 +42,11 @@ from llama32_jax.text import DecoderBlock, token_positions
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CrossInputs:
-    """What the cross-attention blocks need: ``kv[j]`` = block j's ``(k, v)`` ``[B, K, N_v, H]``, and
-    ``tile_mask [B, S_total, I, R]`` bool (by token position; :func:`cross_mask.dense_cross_attention_mask`)."""
+    """What the cross-attention blocks need: ``kv[j]`` = block j's ``(k, v)`` ``[B, K, N_v, H]`` (scanned layout:
+    one ``(k, v)`` pair stacked ``[C, B, K, N_v, H]``), and ``tile_mask [B, S_total, I, R]`` bool (by token
+    position; :func:`cross_mask.dense_cross_attention_mask`)."""
 
-    kv: tuple[VisionKV, ...]
+    kv: tuple[VisionKV, ...] | VisionKV
     tile_mask: jax.Array
     tokens_per_tile: int = dataclasses.field(metadata=dict(static=True))
 
@@ -47,18 +57,20 @@ class MllamaText(nnx.Module):
     def __init__(self, config: ModelConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
         if not config.is_vision:
             raise InvalidInputError(f"{config.name} is a text model; use llama32_jax.text.Transformer")
-        if config.scan_layers:
-            raise InvalidInputError("the vision decoder has no scanned layout yet; use scan_layers=False")
         t = config.text
         self.config = config
         self.embed = Embed(t.vocab_size, t.dim, dtype=param_dtype, rngs=rngs)
         self.learnable_embedding = make_param(
             rngs, (t.n_image_embeddings, t.dim), (dims.VOCAB, dims.EMBED), param_dtype
         )
-        self.layers = nnx.List([DecoderBlock(t, dtype=param_dtype, rngs=rngs) for _ in range(t.n_layers)])
-        self.cross_layers = nnx.List(
-            [CrossAttentionBlock(t, dtype=param_dtype, rngs=rngs) for _ in range(t.n_cross_attention_layers)]
-        )
+        if config.scan_layers:
+            self.layers = DecoderBlock(t, dtype=param_dtype, stack=t.n_layers, rngs=rngs)
+            self.cross_layers = CrossAttentionBlock(t, dtype=param_dtype, stack=t.n_cross_attention_layers, rngs=rngs)
+        else:
+            self.layers = nnx.List([DecoderBlock(t, dtype=param_dtype, rngs=rngs) for _ in range(t.n_layers)])
+            self.cross_layers = nnx.List(
+                [CrossAttentionBlock(t, dtype=param_dtype, rngs=rngs) for _ in range(t.n_cross_attention_layers)]
+            )
         self.norm = RMSNorm(t.dim, t.norm_eps, dtype=param_dtype, rngs=rngs)
         self.lm_head = make_param(rngs, (t.vocab_size, t.dim), (dims.VOCAB, dims.EMBED), param_dtype)
 
@@ -69,8 +81,12 @@ class MllamaText(nnx.Module):
         image = jnp.take(self.learnable_embedding[...], jnp.clip(tokens - v, 0, None), axis=0)
         return jnp.where((tokens >= v)[..., None], image.astype(text.dtype), text)
 
-    def vision_kv(self, vision_tokens: jax.Array) -> tuple[VisionKV, ...]:
-        """``[B, N_v, D]`` projected vision tokens -> every cross-attention block's keys and values."""
+    def vision_kv(self, vision_tokens: jax.Array) -> tuple[VisionKV, ...] | VisionKV:
+        """``[B, N_v, D]`` projected vision tokens -> every cross-attention block's keys and values (scanned
+        layout: one stacked ``(k [C, ...], v [C, ...])`` pair)."""
+        if self.config.scan_layers:
+            graphdef, state = nnx.split(self.cross_layers)
+            return jax.vmap(lambda s: nnx.merge(graphdef, s).vision_kv(vision_tokens))(state)
         return tuple(block.vision_kv(vision_tokens) for block in self.cross_layers)
 
     def __call__(
@@ -81,35 +97,77 @@ class MllamaText(nnx.Module):
         cross: CrossInputs | None = None,
         last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        t = self.config.text
         index, positions, cos, sin, mask = token_positions(self.config, tokens, cache)
         b, length = tokens.shape
 
+        cross_args = None
         if cross is not None:
             rows = jnp.clip(positions, 0, cross.tile_mask.shape[1] - 1)  # left padding: any row (never read)
             tiles = jnp.take_along_axis(cross.tile_mask, rows[:, :, None, None], axis=1)  # [B, T, I, R]
             xmask = token_mask(tiles, cross.tokens_per_tile)  # [B, T, N_v]
             row_mask = tiles.reshape(b, length, -1).any(axis=-1) & (positions >= 0)
+            cross_args = (cross.kv, xmask, row_mask)
 
         h = self.embed_tokens(tokens)
-        schedule = t.meta_fusion_schedule
-        new_k, new_v = [], []
-        for i, block in enumerate(self.layers):
-            if cross is not None and i in schedule:
-                j = schedule.index(i)
-                h = self.cross_layers[j](h, cross.kv[j], xmask, row_mask)
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, layer_kv = block(h, cos, sin, mask, kv, index)
-            if layer_kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
+        if self.config.scan_layers:
+            h, new_k, new_v = self._run_groups(h, cos, sin, mask, cache, index, cross_args)
+        else:
+            h, new_k, new_v = self._run_unrolled(h, cos, sin, mask, cache, index, cross_args)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
         logits = jnp.einsum("btd,vd->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
         if cache is None:
             return logits, None
-        return logits, dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v), index=index + length)
+        return logits, dataclasses.replace(cache, k=new_k, v=new_v, index=index + length)
+
+    def _run_unrolled(self, h, cos, sin, mask, cache, index, cross_args):
+        schedule = self.config.text.meta_fusion_schedule
+        new_k, new_v = [], []
+        for i, block in enumerate(self.layers):
+            if cross_args is not None and i in schedule:
+                kv, xmask, row_mask = cross_args
+                j = schedule.index(i)
+                h = self.cross_layers[j](h, kv[j], xmask, row_mask)
+            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
+            h, layer_kv = block(h, cos, sin, mask, layer_kv, index)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        return h, tuple(new_k), tuple(new_v)
+
+    def _run_groups(self, h, cos, sin, mask, cache, index, cross_args):
+        """``lax.scan`` over the ``C`` groups ``[self x (k-1), cross, self]`` (stacked parameters and cache)."""
+        t = self.config.text
+        groups, k = t.n_cross_attention_layers, t.n_layers // t.n_cross_attention_layers
+        self_def, self_state = nnx.split(self.layers)
+        cross_def, cross_state = nnx.split(self.cross_layers)
+        by_group = lambda x: x.reshape(groups, k, *x.shape[1:])  # noqa: E731  [L, ...] -> [C, k, ...]
+        xs = {
+            "self": jax.tree.map(by_group, self_state),
+            "cache": None if cache is None else (by_group(cache.k), by_group(cache.v)),
+            "cross": None if cross_args is None else (cross_state, cross_args[0]),
+        }
+
+        def body(h, x):
+            new_kv = []
+            for i in range(k):
+                if i == k - 1 and x["cross"] is not None:
+                    block_state, vision_kv = x["cross"]
+                    h = nnx.merge(cross_def, block_state)(h, vision_kv, cross_args[1], cross_args[2])
+                block = nnx.merge(self_def, jax.tree.map(lambda a, i=i: a[i], x["self"]))
+                layer_kv = None if x["cache"] is None else (x["cache"][0][i], x["cache"][1][i])
+                h, layer_kv = block(h, cos, sin, mask, layer_kv, index)
+                new_kv.append(layer_kv)
+            if x["cache"] is None:
+                return h, None
+            return h, (jnp.stack([kv[0] for kv in new_kv]), jnp.stack([kv[1] for kv in new_kv]))
+
+        h, new_kv = jax.lax.scan(body, h, xs)
+        if cache is None:
+            return h, None, None
+        flat = lambda x: x.reshape(t.n_layers, *x.shape[2:])  # noqa: E731  [C, k, ...] -> [L, ...]
+        return h, flat(new_kv[0]), flat(new_kv[1])
 
 
 class Mllama(MllamaText):

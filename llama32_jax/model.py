@@ -105,12 +105,17 @@ def load_params(config: ModelConfig, params: Mapping, *, param_dtype=jnp.bfloat1
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _forward(graphdef, state, tokens, cache):
-    return nnx.merge(graphdef, state)(tokens, cache)
+def _forward(graphdef, state, tokens, cache, cross):
+    kw = {} if cross is None else {"cross": cross}
+    return nnx.merge(graphdef, state)(tokens, cache, **kw)
 
 
-def forward(model: nnx.Module, tokens: jax.Array, cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
-    """Jitted ``model(tokens, cache)``: compiled once per (model structure, shapes), validated before tracing."""
+def forward(
+    model: nnx.Module, tokens: jax.Array, cache: KVCache | None = None, *, cross: Any = None
+) -> tuple[jax.Array, KVCache | None]:
+    """Jitted ``model(tokens, cache)``: compiled once per (model structure, shapes), validated before tracing.
+
+    ``cross``: a vision model's encoded images (:meth:`~llama32_jax.mllama.Mllama.cross_inputs`), or None."""
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise InvalidInputError(
@@ -119,4 +124,6 @@ def forward(model: nnx.Module, tokens: jax.Array, cache: KVCache | None = None) 
     if cache is not None:
         check_cache(cache, model.config, tokens.shape[0], tokens.shape[1])
     graphdef, state = nnx.split(model)
-    return _forward(graphdef, state, tokens, cache)
+    if cross is not None and not model.config.is_vision:
+        raise InvalidInputError(f"{model.config.name} is a text model; it takes no cross-attention inputs")
+    return _forward(graphdef, state, tokens, cache, cross)

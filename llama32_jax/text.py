@@ -199,21 +199,36 @@ def check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int) ->
 # Parameter layouts.
 
 
+# The decoder's layer lists: self-attention layers, and the vision models' cross-attention blocks.
+LAYER_LISTS = ("layers", "cross_layers")
+
+
 def stack_layers(params: dict) -> dict:
-    """Per-layer tree ``{"layers": {0: {...}, 1: {...}}}`` -> stacked ``{"layers": {...}}`` (leading ``L`` axis)."""
-    layers = params["layers"]
-    n = len(layers)
-    if sorted(layers) != list(range(n)):
-        raise InvalidInputError(f"per-layer parameters must be indexed 0..{n - 1}, got {sorted(layers)}")
-    stacked = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[layers[i] for i in range(n)])
-    return {**params, "layers": stacked}
+    """Per-layer tree ``{"layers": {0: {...}, 1: {...}}}`` -> stacked ``{"layers": {...}}`` (leading ``L`` axis).
+
+    The vision models' ``cross_layers`` are stacked the same way (leading ``C`` axis)."""
+    out = dict(params)
+    for name in LAYER_LISTS:
+        if name not in params:
+            continue
+        layers = params[name]
+        n = len(layers)
+        if sorted(layers) != list(range(n)):
+            raise InvalidInputError(f"per-layer {name} parameters must be indexed 0..{n - 1}, got {sorted(layers)}")
+        out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *[layers[i] for i in range(n)])
+    return out
 
 
 def unstack_layers(params: dict) -> dict:
     """Stacked tree -> per-layer tree; the inverse of :func:`stack_layers`."""
-    layers = params["layers"]
-    n = {int(np.shape(x)[0]) for x in jax.tree.leaves(layers)}
-    if len(n) != 1:
-        raise InvalidInputError(f"stacked layer parameters disagree on the layer count: {sorted(n)}")
-    (n,) = n
-    return {**params, "layers": {i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}}
+    out = dict(params)
+    for name in LAYER_LISTS:
+        if name not in params:
+            continue
+        layers = params[name]
+        n = {int(np.shape(x)[0]) for x in jax.tree.leaves(layers)}
+        if len(n) != 1:
+            raise InvalidInputError(f"stacked {name} parameters disagree on the layer count: {sorted(n)}")
+        (n,) = n
+        out[name] = {i: jax.tree.map(lambda x, i=i: x[i], layers) for i in range(n)}
+    return out

@@ -38,7 +38,8 @@ def images():
     return [[rng.integers(0, 256, (2 * S, S, 3), dtype=np.uint8)], [rng.integers(0, 256, (S, 3 * S - 5, 3), np.uint8)]]
 
 
-def _hf_greedy(model, prompt, batch, b) -> list[int]:
+def _hf_inputs(prompt, batch, b) -> dict:
+    """HF's model inputs for prompt ``b`` (one image) of our preprocessed ``batch``, HF's own mask helpers."""
     import torch
     from transformers.models.mllama.processing_mllama import (
         convert_sparse_cross_attention_mask_to_dense,
@@ -48,17 +49,21 @@ def _hf_greedy(model, prompt, batch, b) -> list[int]:
     dense = convert_sparse_cross_attention_mask_to_dense(
         [get_cross_attention_token_mask(prompt, IMG)], [batch.num_tiles[b]], CFG.vision.max_num_tiles, len(prompt)
     )
+    return dict(
+        input_ids=torch.tensor([prompt]),
+        pixel_values=torch.from_numpy(batch.pixel_values[b : b + 1, :1]),
+        aspect_ratio_ids=torch.from_numpy(batch.aspect_ratio_ids[b : b + 1, :1]).long(),
+        aspect_ratio_mask=torch.from_numpy(batch.aspect_ratio_mask[b : b + 1, :1]).long(),
+        cross_attention_mask=torch.from_numpy(dense),
+    )
+
+
+def _hf_greedy(model, prompt, batch, b) -> list[int]:
+    import torch
+
     with torch.no_grad():
         out = model.generate(
-            input_ids=torch.tensor([prompt]),
-            pixel_values=torch.from_numpy(batch.pixel_values[b : b + 1, :1]),
-            aspect_ratio_ids=torch.from_numpy(batch.aspect_ratio_ids[b : b + 1, :1]).long(),
-            aspect_ratio_mask=torch.from_numpy(batch.aspect_ratio_mask[b : b + 1, :1]).long(),
-            cross_attention_mask=torch.from_numpy(dense),
-            max_new_tokens=NEW,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
+            **_hf_inputs(prompt, batch, b), max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0
         )
     return out[0, len(prompt) :].tolist()
 
@@ -71,6 +76,36 @@ def test_greedy_generation_equals_hf(ours, hf_model, images):
     got = generate_tokens(ours, PROMPTS, max_new_tokens=NEW, images=batch)  # one padded batch
     for b, prompt in enumerate(PROMPTS):
         assert got[b].tokens == _hf_greedy(hf_model, prompt, batch, b), f"prompt {b}"
+
+
+def test_logits_with_images_equal_hf(ours, hf_model, images):
+    """``Model.logits(ids, images=...)``: our preprocessing, vision tower and decoder on every row, fp32."""
+    import torch
+
+    align_hf_intermediate_layers(hf_model)
+    api = Model(ours)
+    for b, prompt in enumerate(PROMPTS):
+        got = api.logits([prompt], images=[images[b]])
+        with torch.no_grad():
+            want = hf_model(**_hf_inputs(prompt, preprocess(images, CFG.vision), b)).logits.numpy()
+        delta = float(np.abs(got - want).max())
+        print(f"prompt {b}: max |ours - hf| logit = {delta:.3g}")
+        assert delta <= 1e-4
+    with pytest.raises(Exception, match=r"prompt 0 has 1 <\|image\|> token\(s\) but 2 image"):
+        api.logits([PROMPTS[0]], images=[images[0] + images[1]])
+
+
+def test_scanned_layout_generates_the_same(ours, params, images):
+    """The scanned decoder (stacked ``[self, cross, self]`` groups under ``lax.scan``, stacked cache) generates
+    what the unrolled one does, with images and without, in one mixed batch."""
+    import jax.numpy as jnp
+
+    scanned = load_params(CFG.replace(scan_layers=True), params, param_dtype=jnp.float32)
+    assert scanned.cross_layers.gate_attn.shape == (CFG.text.n_cross_attention_layers, 1)  # stacked
+    prompts, imgs = [PROMPTS[0], [3, 8, 21, 7]], [images[0], []]
+    got = Model(scanned).generate(prompts, images=imgs, max_new_tokens=NEW, return_details=True)
+    want = Model(ours).generate(prompts, images=imgs, max_new_tokens=NEW, return_details=True)
+    assert [g.tokens for g in got] == [w.tokens for w in want]
 
 
 def test_mixed_batch_equals_each_request_alone(ours, images):

@@ -81,10 +81,11 @@ def test_equals_hf_end_to_end(ours, hf_model, pixels):
 @pytest.mark.parametrize(
     ("name", "spec_billions"), [("Llama-3.2-11B-Vision", 10.629), ("Llama-3.2-90B-Vision", 88.552)]
 )
-def test_full_size_parameter_counts(name, spec_billions):
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_full_size_parameter_counts(name, spec_billions, scan_layers):
     """SPEC §1.4 counts Meta's 4x4 tile grids; our (and HF's) tables hold one row per aspect-ratio id instead
-    (9 x 4 tiles): the difference is exactly those extra entries."""
-    cfg = configs.get_config(name)
+    (9 x 4 tiles): the difference is exactly those extra entries. Both decoder layouts hold the same parameters."""
+    cfg = configs.get_config(name).replace(scan_layers=scan_layers)
     before = {id(a) for a in jax.live_arrays()}
     count = param_count(abstract_model(cfg))
     assert not {id(a) for a in jax.live_arrays()} - before  # eval_shape only: nothing allocated

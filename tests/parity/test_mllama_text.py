@@ -3,8 +3,11 @@
 Meta's tiny random Mllama (tests/refs_vision.py) runs its own pipeline (``compute_vision_tokens_masks`` +
 ``forward``) with its vision tower replaced by fixed random vision tokens, so this compares the decoder alone:
 learnable image-token embedding, the fusion schedule, cross-attention K/V, the tile masks from ``<|image|>``
-positions (a run of two images, text rows before the first image in no sample here: each starts with an image),
-and the head. Every row is compared: all follow Meta's masking. The vision tower is tested in its own file.
+positions (a run of two images), and the head, in both parameter layouts (unrolled, and scanned groups
+``[self, cross, self]`` here). Every row is compared: all follow Meta's masking, including, in
+``TOKENS_TEXT_FIRST``, the text rows before the first image, which see no image (Meta zeroes the cross-attention
+blocks there; HF does not zero their attention branch, SPEC §4.3, so HF is not the reference for those rows).
+The vision tower is tested in its own file.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from llama32_jax.cache import KVCache
 from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict
 from llama32_jax.cross_mask import dense_cross_attention_mask, image_token_ranges
 from llama32_jax.mllama import CrossInputs, MllamaText
-from tests.refs_vision import CFG, IMAGES, IMG, SEQ, TOKENS, meta_logits, meta_mllama
+from llama32_jax.text import stack_layers
+from tests.refs_vision import CFG, IMAGES, IMG, SEQ, TOKENS, TOKENS_TEXT_FIRST, meta_logits, meta_mllama
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")
 TOL = 1e-4
@@ -53,30 +57,59 @@ def setup():
     v = CFG.vision
     tiles = [[torch.zeros(h * w, v.num_channels, v.image_size, v.image_size) for h, w in row] for row in IMAGES]
     expected = meta_logits(meta, tiles)
-    return ours, vision, expected
+    expected_text_first = meta_logits(meta, tiles, TOKENS_TEXT_FIRST)
+    scanned = MllamaText(CFG.replace(scan_layers=True), param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(scanned)
+    nnx.replace_by_pure_dict(state, stack_layers(text_tree))
+    scanned = nnx.merge(graphdef, state)
+    return dict(unrolled=ours, scanned=scanned), vision, dict(first=expected, text_first=expected_text_first)
 
 
-def _cross(ours, vision, length: int) -> CrossInputs:
-    ranges = [image_token_ranges(row, IMG) for row in TOKENS]
+def _cross(ours, vision, length: int, tokens=TOKENS) -> CrossInputs:
+    ranges = [image_token_ranges(row, IMG) for row in tokens]
     num_tiles = [[h * w for h, w in row] for row in IMAGES]
     tile_mask = dense_cross_attention_mask(ranges, num_tiles, length, CFG.vision.max_num_tiles, max_images=2)
     b = vision.shape[0]
     return CrossInputs(ours.vision_kv(jnp.asarray(vision.reshape(b, -1, CFG.text.dim))), jnp.asarray(tile_mask), P)
 
 
-def test_decoder_equals_meta_given_the_same_vision_tokens(setup):
-    ours, vision, expected = setup
-    logits, _ = ours(jnp.asarray(TOKENS), cross=_cross(ours, vision, SEQ))
-    delta = float(np.abs(np.asarray(logits) - expected).max())
-    print(f"max |ours - meta| logit = {delta:.3g}")
+LAYOUTS = ["unrolled", "scanned"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("prompts", ["first", "text_first"])
+def test_decoder_equals_meta_given_the_same_vision_tokens(setup, layout, prompts):
+    models, vision, expected = setup
+    ours = models[layout]
+    tokens = TOKENS if prompts == "first" else TOKENS_TEXT_FIRST
+    logits, _ = ours(jnp.asarray(tokens), cross=_cross(ours, vision, SEQ, tokens))
+    delta = float(np.abs(np.asarray(logits) - expected[prompts]).max())
+    print(f"{layout}, {prompts}: max |ours - meta| logit = {delta:.3g}")
     assert delta <= TOL
 
 
-def test_prefill_then_decode_with_cached_vision_kv_equals_full_forward(setup):
+def test_rows_before_the_first_image_equal_a_text_only_call(setup):
+    """Meta's row masking: a row that sees no image gets nothing from any cross-attention block, so the rows
+    before the first ``<|image|>`` equal the model run without images (causal: later rows cannot reach them)."""
+    models, vision, _ = setup
+    ours = models["unrolled"]
+    tokens = jnp.asarray(TOKENS_TEXT_FIRST)
+    with_images, _ = ours(tokens, cross=_cross(ours, vision, SEQ, TOKENS_TEXT_FIRST))
+    text_only, _ = ours(tokens)
+    for b, row in enumerate(TOKENS_TEXT_FIRST):
+        first = row.index(IMG)
+        np.testing.assert_allclose(with_images[b, :first], text_only[b, :first], atol=1e-6, rtol=0)
+        assert float(np.abs(with_images[b, first:] - text_only[b, first:]).max()) > 1e-3  # the images do matter
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_prefill_then_decode_with_cached_vision_kv_equals_full_forward(setup, layout):
     """Cross-attention K/V computed once and reused: token-by-token decoding equals the one-shot forward."""
-    ours, vision, expected = setup
+    models, vision, expected = setup
+    ours = models[layout]
+    expected = expected["first"]
     cross = _cross(ours, vision, SEQ)
-    cache = KVCache.init(CFG, batch_size=len(TOKENS), max_len=SEQ, dtype=jnp.float32)
+    cache = KVCache.init(ours.config, batch_size=len(TOKENS), max_len=SEQ, dtype=jnp.float32)
     tokens = jnp.asarray(TOKENS)
     logits, cache = ours(tokens[:, :5], cache, cross=cross)
     steps = [logits]
@@ -87,7 +120,7 @@ def test_prefill_then_decode_with_cached_vision_kv_equals_full_forward(setup):
 
 
 def test_text_only_call_skips_cross_attention(setup):
-    ours, _, _ = setup
+    ours = setup[0]["unrolled"]
     text = [[1, 2, 3, 4, 5, 6]]
     a, _ = ours(jnp.asarray(text))
     # With images present but no <|image|> token in the prompt every row is masked: the blocks are identities.
