@@ -166,6 +166,59 @@ class Model:
             ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch
         )
 
+    def moderate(
+        self,
+        conversation: Sequence[dict] | Sequence[Sequence[dict]],
+        *,
+        categories: dict[str, str] | None = None,
+        excluded_categories: Sequence[str] = (),
+        max_new_tokens: int | None = None,
+    ):
+        """Llama Guard 3: is the last message of ``conversation`` safe? Returns a
+        :class:`~llama32_jax.guard.ModerationResult` (``.safe``, ``.categories`` such as ``("S1",)``), or a list
+        of them for a list of conversations (one batch).
+
+        ``conversation``: alternating ``{"role": "user"|"assistant", "content"}`` messages starting with the user;
+        the last is judged (``role`` ``"User"`` or ``"Agent"``). Content is a string or a list of
+        ``{"type": "text", "text"}`` / ``{"type": "image", "image"}`` parts; Llama Guard 3 11B-Vision judges at
+        most one image per conversation. ``categories`` replaces the 13 default hazard categories;
+        ``excluded_categories`` (e.g. ``["S6"]``) leaves codes out. Decoding is greedy. Raises
+        :class:`~llama32_jax.guard.ModerationError` if the model's answer is not a verdict (e.g. the checkpoint
+        is not a guard model). See :mod:`llama32_jax.guard` for the exact prompt.
+        """
+        from llama32_jax.guard import DEFAULT_MAX_NEW_TOKENS, ModerationError, build_prompt, parse_verdict
+
+        single = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], dict)
+        conversations = [conversation] if single else conversation
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise InvalidInputError("conversation must be a list of messages, or a list of such lists")
+        options = dict(categories=categories, excluded_categories=excluded_categories)
+        prompts = [build_prompt(c, **options) for c in conversations]
+        images = [list(p.images) for p in prompts]
+        for k, found in enumerate(images):
+            if found and not self.config.is_vision:
+                raise InvalidInputError(
+                    f"conversation {k} has an image but {self.config.name} is a text model; image moderation needs "
+                    "Llama Guard 3 11B-Vision"
+                )
+            if len(found) > 1:
+                raise InvalidInputError(
+                    f"conversation {k} has {len(found)} images; Llama Guard 3 Vision judges one image per conversation"
+                )
+        tokenizer = self._require_tokenizer()
+        ids = [self._model_ids(p.token_ids(tokenizer)) for p in prompts]
+        batch = self._preprocess_images(images if any(images) else None, len(ids))
+        new = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        outs = self._generate_ids(ids, new, 0.0, 0, 1.0, 0, None, False, None, True, batch)
+        results = []
+        for k, (out, prompt) in enumerate(zip(outs, prompts, strict=True)):
+            try:
+                results.append(parse_verdict(out.text, role=prompt.role, categories=prompt.categories))
+            except ModerationError as e:
+                where = "" if single else f"conversation {k}: "
+                raise ModerationError(f"{where}{e}", e.raw) from None
+        return results[0] if single else results
+
     # ----------------------------------------------------------------------------------------------------------
     def _require_tokenizer(self):
         if self.tokenizer is None:

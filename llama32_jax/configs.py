@@ -372,7 +372,7 @@ TINY_VISION = ModelConfig(
         mlp_dim=64,
         intermediate_layers=(1, 3),
     ),
-    image_token_id=510,
+    image_token_id=512,  # vocab_size: the first learnable-embedding row, as 128256 in the published models
 )
 
 CONFIGS: dict[str, ModelConfig] = {

@@ -19,13 +19,12 @@ from llama32_jax.configs import TINY_VISION, ModelConfig, llama3_ffn_dim
 from tests.refs import init_meta_model_parallel, meta_params_json
 
 # TINY_VISION with two cross-attention layers (Meta schedule [1, 3], HF merged positions [1, 4]) so the merged
-# index is exercised beyond its first entry, and <|image|> at the first learnable-embedding row (vocab_size, the
+# index is exercised beyond its first entry; <|image|> is the first learnable-embedding row (vocab_size, the
 # analogue of 128256) as in the published models.
 CFG: ModelConfig = TINY_VISION.replace(
-    name="tiny-vision-2x",
-    text=dataclasses.replace(TINY_VISION.text, n_cross_attention_layers=2),
-    image_token_id=TINY_VISION.text.vocab_size,
+    name="tiny-vision-2x", text=dataclasses.replace(TINY_VISION.text, n_cross_attention_layers=2)
 )
+assert CFG.image_token_id == CFG.text.vocab_size
 IMG = CFG.image_token_id
 SEQ = 12
 # Two samples: sample 0 has two images, (2, 1) and (1, 3) tiles; sample 1 one (2, 2) image and a padding slot.
@@ -109,7 +108,7 @@ def randomize_mllama_(module, seed: int) -> None:
                 p.copy_(0.1 * noise)
 
 
-def meta_mllama(config: ModelConfig, seed: int = 0):
+def meta_mllama(config: ModelConfig, seed: int = 0, max_seq_len: int = SEQ):
     """Meta's ``CrossAttentionTransformer`` for ``config`` (fp32, seeded random weights)."""
     import torch
     from fairscale.nn.model_parallel.layers import ColumnParallelLinear
@@ -151,7 +150,7 @@ def meta_mllama(config: ModelConfig, seed: int = 0):
     assert t.rope_scaling is not None  # Meta hard-codes factor 8, low 1, high 4, 8192: the vision models' values
     args = ModelArgs(
         **meta_params_json(t, multiple_of, None),
-        max_seq_len=SEQ,
+        max_seq_len=max_seq_len,
         max_batch_size=len(TOKENS),
         vision_chunk_size=v.image_size,
         vision_max_num_chunks=v.max_num_tiles,
@@ -169,23 +168,25 @@ def meta_mllama(config: ModelConfig, seed: int = 0):
     return model
 
 
-def meta_logits(model, tiles, tokens=TOKENS) -> np.ndarray:
+def meta_logits(model, tiles, tokens=TOKENS, images=IMAGES, image_token: int = IMG) -> np.ndarray:
     """Meta's own pipeline (``compute_vision_tokens_masks`` + ``forward``), minus PIL preprocessing.
 
-    ``tokens``: ``[B, SEQ]`` prompts holding as many ``<|image|>`` as ``IMAGES`` has images per sample."""
+    ``tokens``: ``[B, T]`` prompts holding one ``image_token`` per entry of ``images[b]`` (the ``(h, w)`` tile
+    grids); ``tiles[b][m]``: image m's ``[h * w, C, S, S]`` tiles."""
     import torch
     from llama_models.llama3.chat_format import create_vision_mask
 
     # compute_vision_tokens_masks calls image_transform(image) -> (tiles, aspect ratio); ours are already tiled.
     model.image_transform = lambda image: image
-    batch_images = [[(tiles[b][m], ar) for m, ar in enumerate(row)] for b, row in enumerate(IMAGES)]
-    batch_masks = [create_vision_mask(row, IMG) for row in tokens]
+    batch_images = [[(tiles[b][m], ar) for m, ar in enumerate(row)] for b, row in enumerate(images)]
+    batch_masks = [create_vision_mask(row, image_token) for row in tokens]
+    length = len(tokens[0])
     with torch.no_grad():
         xattn_caches, xattn_mask, row_mask = model.compute_vision_tokens_masks(
-            batch_images, batch_masks, SEQ, torch.device("cpu")
+            batch_images, batch_masks, length, torch.device("cpu")
         )
         logits = model.forward(
-            position_ids=torch.arange(SEQ),
+            position_ids=torch.arange(length),
             tokens=torch.tensor(tokens),
             cross_attention_masks=xattn_mask,
             full_text_row_masked_out_mask=row_mask,
