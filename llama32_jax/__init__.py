@@ -13,7 +13,7 @@ The public surface (see README.md)::
 Importing this package has no side effects beyond importing JAX.
 """
 
-from llama32_jax import configs, errors
+from llama32_jax import configs, errors, sharding
 from llama32_jax.api import Completion, Model, load
 from llama32_jax.cache import KVCache
 from llama32_jax.checkpoint.hf_export import export_hf
@@ -45,4 +45,5 @@ __all__ = [
     "load",
     "load_params",
     "param_count",
+    "sharding",
 ]

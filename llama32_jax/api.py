@@ -13,6 +13,7 @@ from flax import nnx
 
 from llama32_jax.checkpoint.orbax_ckpt import is_converted_checkpoint
 from llama32_jax.configs import ModelConfig
+from llama32_jax.distributed import to_host
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.generate import GenerationOutput, generate_tokens, stops_per_sequence
 from llama32_jax.model import forward, load_params
@@ -75,7 +76,7 @@ class Model:
             )
         cross = None if images is None else self._cross_inputs(ids, images)
         logits, _ = forward(self.module, jnp.asarray(ids, jnp.int32), cross=cross)
-        return np.asarray(logits)
+        return to_host(logits)
 
     def _cross_inputs(self, ids: np.ndarray, images: Any):
         """Encode ``images`` for the rows of ``ids`` (vision tower + cross-attention K/V), as generation does."""
@@ -364,6 +365,15 @@ class _TextStreamer:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _placed(model: Model, placement) -> Model:
+    """Shard the model's parameters by ``placement`` (plan, mesh); arrays already in place are not moved."""
+    if placement is not None:
+        from llama32_jax.sharding import shard_model
+
+        shard_model(model.module, *placement)
+    return model
+
+
 def load(
     path: str | os.PathLike,
     mesh: Any = None,
@@ -377,8 +387,13 @@ def load(
     ``path`` is a converted Orbax directory (``llama32_jax.convert``; restored straight to the device), an HF
     model directory (``config.json`` + safetensors + tokenizer files), a Meta directory (``params.json`` +
     ``consolidated.NN.pth`` shards + ``tokenizer.model``; text models) or a llama-architecture ``.gguf`` file
-    (dequantized to ``dtype``). ``mesh`` sharding and ``attention_impl="pallas"`` arrive with their issues and
-    are refused with a clear error until then.
+    (dequantized to ``dtype``). ``attention_impl="pallas"`` arrives with its issue and is refused until then.
+
+    ``mesh``: a sharding plan (a name in ``sharding/`` such as ``"h100x8"``, a ``.toml`` path, a
+    :class:`~llama32_jax.sharding.Plan`) or a ``jax.sharding.Mesh`` with axes named ``data`` / ``fsdp`` /
+    ``tensor``. A converted checkpoint is restored straight into the plan's shardings (each host reads only its
+    shards); other formats are read on the host, then placed. The model's calls then keep activations, the KV
+    cache and the cross-attention inputs on the plan.
     """
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -386,8 +401,11 @@ def load(
         raise InvalidInputError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
     if attention_impl == "pallas":
         raise InvalidInputError("attention_impl='pallas' is not available yet; use 'auto' or 'xla'")
+    placement = None
     if mesh is not None:
-        raise InvalidInputError("sharded loading (mesh=...) is not available yet; pass mesh=None")
+        from llama32_jax import sharding
+
+        placement = sharding.resolve(mesh)
     path = os.fspath(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path {path!r} does not exist")
@@ -406,16 +424,25 @@ def load(
             chat_template=ckpt.chat_template,
             add_bos=ckpt.add_bos,
         )
-        return Model(load_params(config, ckpt.params, param_dtype=param_dtype), tokenizer, source=path)
+        return _placed(
+            Model(load_params(config, ckpt.params, param_dtype=param_dtype), tokenizer, source=path), placement
+        )
     if os.path.isdir(path) and is_converted_checkpoint(path):
-        from llama32_jax.checkpoint.orbax_ckpt import restore_params
+        from llama32_jax.checkpoint.orbax_ckpt import read_manifest, restore_params
         from llama32_jax.tokenizer import load_tokenizer
 
-        config, params = restore_params(path, param_dtype=param_dtype)
+        target = None
+        if placement is not None:  # each array is read straight into its shards (each host reads only its own)
+            from llama32_jax.sharding import restore_shardings, validate
+
+            _, stored = read_manifest(path)
+            validate(stored, placement[0])
+            target = restore_shardings(stored, *placement)
+        config, params = restore_params(path, param_dtype=param_dtype, sharding=target)
         config = config.replace(scan_layers=scan_layers)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = load_tokenizer(path) if has_tok else None
-        return Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path)
+        return _placed(Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path), placement)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         from llama32_jax.checkpoint.hf import read_hf_params
         from llama32_jax.tokenizer import load_tokenizer
@@ -424,7 +451,7 @@ def load(
         config = config.replace(scan_layers=scan_layers)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = load_tokenizer(path) if has_tok else None
-        return Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path)
+        return _placed(Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path), placement)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json")):
         from llama32_jax.checkpoint.meta import read_meta_params
         from llama32_jax.tokenizer import load_tokenizer
@@ -432,7 +459,7 @@ def load(
         config, params = read_meta_params(path, scan_layers=scan_layers)
         tok_file = os.path.join(path, "tokenizer.model")
         tokenizer = load_tokenizer(tok_file) if os.path.isfile(tok_file) else None
-        return Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path)
+        return _placed(Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path), placement)
     raise CheckpointError(
         f"{path!r} is not a checkpoint llama32_jax can load: expected a converted directory (llama32_jax.json), an "
         "HF directory (config.json), a Meta directory (params.json) or a .gguf file"

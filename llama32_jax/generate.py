@@ -26,6 +26,7 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from llama32_jax.cache import KVCache
+from llama32_jax.distributed import to_host
 from llama32_jax.errors import InvalidInputError
 
 MIN_BUCKET = 16
@@ -235,6 +236,14 @@ def generate_tokens(
     to the next image token, a single image up to the end, generated tokens included.
     """
     n = len(prompts) if isinstance(prompts, (list, tuple)) else 0
+    placement = getattr(model, "placement", None)
+    if placement is not None and n and n % placement.plan.batch_shards:
+        # A sharded batch must split evenly: add one-token filler requests, generate, and drop them.
+        return _generate_padded(
+            model, list(prompts), placement.plan.batch_shards, images,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+            stop_ids=stop_ids, logprobs=logprobs, on_step=on_step, pad_id=pad_id,
+        )  # fmt: skip
     config = model.config
     text = config.text
     max_new = _per_sequence(max_new_tokens, max(n, 1), "max_new_tokens")
@@ -311,7 +320,7 @@ def generate_tokens(
         filtered=filtered,
         stream=stream,
     )
-    out, lps, gen_lengths = np.asarray(out), np.asarray(lps), np.asarray(gen_lengths)
+    out, lps, gen_lengths = to_host(out), to_host(lps), to_host(gen_lengths)  # gathered across hosts if sharded
     results = []
     for i in range(n):
         toks = out[i, : gen_lengths[i]].tolist()
@@ -325,6 +334,45 @@ def generate_tokens(
             )
         )
     return results
+
+
+def _generate_padded(model, prompts, shards: int, images, **kw) -> list[GenerationOutput]:
+    """``generate_tokens`` on ``prompts`` plus fillers up to a multiple of ``shards``; the fillers' results dropped."""
+    n = len(prompts)
+    extra = -n % shards
+    padded = dict(kw)
+    for name, default in (("max_new_tokens", 1), ("temperature", 0.0), ("top_k", 0), ("top_p", 1.0), ("seed", 0)):
+        value = kw[name]
+        if isinstance(value, (list, tuple)):
+            padded[name] = [*value, *[default] * extra]
+    stops = kw["stop_ids"]
+    if stops and isinstance(stops[0], (list, tuple)):
+        padded["stop_ids"] = [*stops, *[[]] * extra]
+    on_step = kw["on_step"]
+    if on_step is not None:
+        padded["on_step"] = lambda step, tokens, done: on_step(step, tokens[:n], done[:n])
+    if images is not None:
+        images = _pad_images(images, extra)
+    out = generate_tokens(model, [*prompts, *[[kw["pad_id"]]] * extra], images=images, **padded)
+    return out[:n]
+
+
+def _pad_images(images, extra: int):
+    """An :class:`~llama32_jax.image.ImageBatch` with ``extra`` image-less rows appended."""
+    import dataclasses as dc
+
+    def pad(a, fill=0):
+        return np.concatenate([a, np.full((extra, *a.shape[1:]), fill, a.dtype)])
+
+    mask = pad(images.aspect_ratio_mask)
+    mask[-extra:, :, 0] = 1  # padding image slots keep tile 0, as everywhere
+    return dc.replace(
+        images,
+        pixel_values=pad(images.pixel_values),
+        aspect_ratio_ids=pad(images.aspect_ratio_ids),
+        aspect_ratio_mask=mask,
+        num_tiles=[*images.num_tiles, *[[]] * extra],
+    )
 
 
 def _tile_mask(config, prompts, images, length: int) -> np.ndarray:

@@ -36,6 +36,7 @@ from llama32_jax.configs import ModelConfig
 from llama32_jax.cross_attention import CrossAttentionBlock, VisionKV, token_mask
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.layers import Embed, RMSNorm, make_param
+from llama32_jax.sharding import constrain_activation, constrain_cache, constrain_cross
 from llama32_jax.text import DecoderBlock, token_positions
 
 
@@ -73,6 +74,7 @@ class MllamaText(nnx.Module):
             )
         self.norm = RMSNorm(t.dim, t.norm_eps, dtype=param_dtype, rngs=rngs)
         self.lm_head = make_param(rngs, (t.vocab_size, t.dim), (dims.VOCAB, dims.EMBED), param_dtype)
+        self.placement = None  # set by llama32_jax.sharding.shard_model
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """Ids below ``vocab_size`` use the text table, the rest ``learnable_embedding[id - vocab_size]``."""
@@ -108,7 +110,7 @@ class MllamaText(nnx.Module):
             row_mask = tiles.reshape(b, length, -1).any(axis=-1) & (positions >= 0)
             cross_args = (cross.kv, xmask, row_mask)
 
-        h = self.embed_tokens(tokens)
+        h = constrain_activation(self.placement, self.embed_tokens(tokens))
         if self.config.scan_layers:
             h, new_k, new_v = self._run_groups(h, cos, sin, mask, cache, index, cross_args)
         else:
@@ -119,7 +121,8 @@ class MllamaText(nnx.Module):
         logits = jnp.einsum("btd,vd->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
         if cache is None:
             return logits, None
-        return logits, dataclasses.replace(cache, k=new_k, v=new_v, index=index + length)
+        new_cache = dataclasses.replace(cache, k=new_k, v=new_v, index=index + length)
+        return logits, constrain_cache(self.placement, new_cache)
 
     def _run_unrolled(self, h, cos, sin, mask, cache, index, cross_args):
         schedule = self.config.text.meta_fusion_schedule
@@ -128,46 +131,49 @@ class MllamaText(nnx.Module):
             if cross_args is not None and i in schedule:
                 kv, xmask, row_mask = cross_args
                 j = schedule.index(i)
-                h = self.cross_layers[j](h, kv[j], xmask, row_mask)
+                h = constrain_activation(self.placement, self.cross_layers[j](h, kv[j], xmask, row_mask))
             layer_kv = None if cache is None else (cache.k[i], cache.v[i])
             h, layer_kv = block(h, cos, sin, mask, layer_kv, index)
+            h = constrain_activation(self.placement, h)
             if layer_kv is not None:
                 new_k.append(layer_kv[0])
                 new_v.append(layer_kv[1])
         return h, tuple(new_k), tuple(new_v)
 
     def _run_groups(self, h, cos, sin, mask, cache, index, cross_args):
-        """``lax.scan`` over the ``C`` groups ``[self x (k-1), cross, self]`` (stacked parameters and cache)."""
+        """``lax.scan`` over the ``C`` groups ``[self x (k-1), cross, self]`` (stacked parameters; the stacked
+        cache is carried and updated in place, as in :func:`llama32_jax.text.scan_with_cache`)."""
         t = self.config.text
         groups, k = t.n_cross_attention_layers, t.n_layers // t.n_cross_attention_layers
         self_def, self_state = nnx.split(self.layers)
         cross_def, cross_state = nnx.split(self.cross_layers)
-        by_group = lambda x: x.reshape(groups, k, *x.shape[1:])  # noqa: E731  [L, ...] -> [C, k, ...]
-        xs = {
-            "self": jax.tree.map(by_group, self_state),
-            "cache": None if cache is None else (by_group(cache.k), by_group(cache.v)),
-            "cross": None if cross_args is None else (cross_state, cross_args[0]),
-        }
+        # Self layers are picked from the stacked [L, ...] weights by index: reshaping them to [C, k, ...] as scan
+        # inputs made XLA copy every weight (+22 GB per device for 90B-Vision over 8 devices).
+        xs = {"cross": None if cross_args is None else (cross_state, cross_args[0]), "group": jnp.arange(groups)}
 
-        def body(h, x):
-            new_kv = []
+        def body(carry, x):
+            h, k_all, v_all = carry
             for i in range(k):
                 if i == k - 1 and x["cross"] is not None:
                     block_state, vision_kv = x["cross"]
                     h = nnx.merge(cross_def, block_state)(h, vision_kv, cross_args[1], cross_args[2])
-                block = nnx.merge(self_def, jax.tree.map(lambda a, i=i: a[i], x["self"]))
-                layer_kv = None if x["cache"] is None else (x["cache"][0][i], x["cache"][1][i])
+                    h = constrain_activation(self.placement, h)
+                layer = x["group"] * k + i
+                pick = lambda a, layer=layer: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
+                block = nnx.merge(self_def, jax.tree.map(pick, self_state))
+                layer_kv = None
+                if k_all is not None:
+                    layer_kv = (pick(k_all), pick(v_all))
                 h, layer_kv = block(h, cos, sin, mask, layer_kv, index)
-                new_kv.append(layer_kv)
-            if x["cache"] is None:
-                return h, None
-            return h, (jnp.stack([kv[0] for kv in new_kv]), jnp.stack([kv[1] for kv in new_kv]))
+                h = constrain_activation(self.placement, h)
+                if k_all is not None:
+                    k_all = jax.lax.dynamic_update_index_in_dim(k_all, layer_kv[0].astype(k_all.dtype), layer, 0)
+                    v_all = jax.lax.dynamic_update_index_in_dim(v_all, layer_kv[1].astype(v_all.dtype), layer, 0)
+            return (h, k_all, v_all), None
 
-        h, new_kv = jax.lax.scan(body, h, xs)
-        if cache is None:
-            return h, None, None
-        flat = lambda x: x.reshape(t.n_layers, *x.shape[2:])  # noqa: E731  [C, k, ...] -> [L, ...]
-        return h, flat(new_kv[0]), flat(new_kv[1])
+        carry = (h, None, None) if cache is None else (h, cache.k, cache.v)
+        (h, k_all, v_all), _ = jax.lax.scan(body, carry, xs)
+        return h, k_all, v_all
 
 
 class Mllama(MllamaText):
@@ -194,4 +200,5 @@ class Mllama(MllamaText):
         """Encode the images and compute every cross-attention block's K/V (once per image set)."""
         tokens = self.encode_images(pixel_values, aspect_ratio_ids)
         b, _, _, p, d = tokens.shape
-        return CrossInputs(self.vision_kv(tokens.reshape(b, -1, d)), jnp.asarray(tile_mask, bool), p)
+        cross = CrossInputs(self.vision_kv(tokens.reshape(b, -1, d)), jnp.asarray(tile_mask, bool), p)
+        return constrain_cross(self.placement, cross)

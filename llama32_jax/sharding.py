@@ -1,0 +1,419 @@
+"""Sharding plans: a device mesh and rules from logical axis names to mesh axes, read from data files.
+
+A plan is one TOML file (``sharding/<name>.toml``, DESIGN §5)::
+
+    [mesh]
+    shape = [2, 4]                 # one entry per mesh axis
+    axes = ["fsdp", "tensor"]
+    devices = "H100"               # optional: the device kind the plan is written for (memory plans)
+    hosts = 1                      # optional: processes the mesh spans
+
+    [rules]                        # logical axis (llama32_jax.dims, vision.py) -> mesh axis or list of axes
+    batch = ["fsdp"]
+    embed = "fsdp"
+    q_heads = "tensor"
+
+Logical names without a rule are replicated. Every parameter carries its logical axes (``nnx.Param(...,
+axes=...)``), and so do the KV cache (``cache.LAYER_AXES``), the cross-attention keys/values and the activations
+at block boundaries (``[batch, seq, embed]``, batch-sharded only). :func:`partition_spec` turns axes + shape into a
+``PartitionSpec`` and rejects, before anything compiles, a dimension that does not divide its mesh axes and two
+dimensions of one array on the same mesh axis, naming the parameter, its shape and the axis.
+
+Typical use::
+
+    plan = sharding.load_plan("tp")                       # or a path, or a Plan
+    mesh = sharding.make_mesh(plan)                       # the first plan.size devices
+    model = sharding.shard_model(model, plan, mesh)       # params placed; activations constrained from now on
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama32_jax import dims
+from llama32_jax.errors import ConfigError
+
+try:  # Python 3.11+
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+PLAN_DIR = Path(__file__).resolve().parent.parent / "sharding"
+
+
+class PlanError(ConfigError):
+    """A sharding plan is malformed, or cannot shard some array of the model (collision, indivisible shape)."""
+
+
+def _known_axes() -> frozenset[str]:
+    from llama32_jax import vision
+
+    extra = (dims.BATCH, dims.SEQ, dims.CACHE_SEQ, VISION_TOKENS_AXIS)
+    return frozenset((*dims.PARAM_AXES, *vision.VISION_PARAM_AXES, *extra))
+
+
+# The vision tokens' axis of the cross-attention keys/values ([B, K, N_v, H]).
+VISION_TOKENS_AXIS = "vision_seq"
+CROSS_KV_AXES = (dims.BATCH, dims.KV_HEADS, VISION_TOKENS_AXIS, dims.HEAD_DIM)
+ACTIVATION_AXES = (dims.BATCH, dims.SEQ, dims.EMBED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A mesh (``shape`` x ``axes``) and logical -> mesh-axis ``rules``. Hashable: models keep it as static state."""
+
+    name: str
+    mesh_shape: tuple[int, ...]
+    mesh_axes: tuple[str, ...]
+    rules: tuple[tuple[str, tuple[str, ...]], ...]
+    devices: str | None = None
+    hosts: int = 1
+
+    @property
+    def mesh_dict(self) -> dict[str, int]:
+        return dict(zip(self.mesh_axes, self.mesh_shape, strict=True))
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.mesh_shape)
+
+    def rule(self, logical: str) -> tuple[str, ...]:
+        """The mesh axes ``logical`` is sharded over (empty: replicated)."""
+        return dict(self.rules).get(logical, ())
+
+    def axis_size(self, mesh_axes: Sequence[str]) -> int:
+        sizes = dict(zip(self.mesh_axes, self.mesh_shape, strict=True))
+        return math.prod(sizes[a] for a in mesh_axes)
+
+    @property
+    def batch_shards(self) -> int:
+        """How many ways the batch is split (a batch must be a multiple of it)."""
+        return self.axis_size(self.rule(dims.BATCH))
+
+    def notation(self) -> str:
+        """Scaling-book notation of the main arrays, e.g. ``x[B_{fsdp}, T, D] · Wq[N_{tensor}, H, D_{fsdp}]``."""
+
+        def arr(name: str, letters_axes: Sequence[tuple[str, str | None]]) -> str:
+            parts = []
+            for letter, logical in letters_axes:
+                r = self.rule(logical) if logical else ()
+                parts.append(letter + (f"_{{{','.join(r)}}}" if r else ""))
+            return f"{name}[{', '.join(parts)}]"
+
+        E, N, K, H, F, V = dims.EMBED, dims.Q_HEADS, dims.KV_HEADS, dims.HEAD_DIM, dims.MLP, dims.VOCAB
+        arrays = [
+            arr("x", [("B", dims.BATCH), ("T", None), ("D", None)]),
+            arr("Wq", [("N", N), ("H", H), ("D", E)]),
+            arr("Wkv", [("K", K), ("H", H), ("D", E)]),
+            arr("Wo", [("D", E), ("N", N), ("H", H)]),
+            arr("W13", [("F", F), ("D", E)]),
+            arr("W2", [("D", E), ("F", F)]),
+            arr("Emb", [("V", V), ("D", E)]),
+            arr("KV", [("B", dims.BATCH), ("K", K), ("S", dims.CACHE_SEQ), ("H", H)]),
+        ]
+        return " · ".join(arrays)
+
+
+def plan_from_dict(data: Mapping[str, Any], name: str) -> Plan:
+    """Validate a parsed plan file (``{"mesh": {...}, "rules": {...}}``) into a :class:`Plan`."""
+    where = f"sharding plan {name!r}"
+    unknown = set(data) - {"mesh", "rules"}
+    if unknown:
+        raise PlanError(f"{where}: unknown top-level tables {sorted(unknown)}; a plan has only [mesh] and [rules]")
+    mesh = data.get("mesh")
+    if not isinstance(mesh, Mapping):
+        raise PlanError(f"{where}: missing [mesh] table (shape = [...], axes = [...])")
+    extra = set(mesh) - {"shape", "axes", "devices", "hosts"}
+    if extra:
+        raise PlanError(f"{where}: unknown [mesh] keys {sorted(extra)}; valid: shape, axes, devices, hosts")
+    shape, axes = mesh.get("shape"), mesh.get("axes")
+    if not isinstance(shape, list) or not shape or not all(isinstance(s, int) and s >= 1 for s in shape):
+        raise PlanError(f"{where}: mesh.shape must be a non-empty list of positive integers, got {shape!r}")
+    if not isinstance(axes, list) or len(axes) != len(shape) or not all(isinstance(a, str) and a for a in axes):
+        raise PlanError(f"{where}: mesh.axes must name each of the {len(shape)} mesh dimensions, got {axes!r}")
+    if len(set(axes)) != len(axes):
+        raise PlanError(f"{where}: mesh.axes {axes} repeats a name")
+    devices, hosts = mesh.get("devices"), mesh.get("hosts", 1)
+    if devices is not None and not isinstance(devices, str):
+        raise PlanError(f"{where}: mesh.devices must be a device kind string such as 'H100', got {devices!r}")
+    if not isinstance(hosts, int) or hosts < 1 or math.prod(shape) % hosts:
+        raise PlanError(f"{where}: mesh.hosts must be a positive divisor of the mesh size, got {hosts!r}")
+    rules_in = data.get("rules", {})
+    if not isinstance(rules_in, Mapping):
+        raise PlanError(f"{where}: [rules] must be a table of logical axis = mesh axis (or list of axes)")
+    known = _known_axes()
+    rules = []
+    for logical, target in rules_in.items():
+        if logical not in known:
+            raise PlanError(f"{where}: rule for unknown logical axis {logical!r}; known: {sorted(known)}")
+        target = [target] if isinstance(target, str) else target
+        if not isinstance(target, list) or not all(isinstance(t, str) for t in target):
+            raise PlanError(f"{where}: rule {logical} must be a mesh axis name or a list of them, got {target!r}")
+        bad = [t for t in target if t not in axes]
+        if bad:
+            raise PlanError(f"{where}: rule {logical} = {target} names {bad}, not axes of the mesh {axes}")
+        if len(set(target)) != len(target):
+            raise PlanError(f"{where}: rule {logical} = {target} repeats a mesh axis")
+        rules.append((logical, tuple(target)))
+    return Plan(name, tuple(shape), tuple(axes), tuple(rules), devices, hosts)
+
+
+def available_plans() -> list[str]:
+    """Names of the plans in ``sharding/``."""
+    return sorted(p.stem for p in PLAN_DIR.glob("*.toml"))
+
+
+def load_plan(plan: str | os.PathLike | Plan) -> Plan:
+    """A :class:`Plan` from a name in ``sharding/`` (``"tp"``, ``"h100x8"``), a ``.toml`` path, or a Plan."""
+    if isinstance(plan, Plan):
+        return plan
+    path = Path(plan)
+    if path.suffix != ".toml":
+        path = PLAN_DIR / f"{plan}.toml"
+        if not path.is_file():
+            raise PlanError(f"no sharding plan named {str(plan)!r}; available: {available_plans()} (or a .toml path)")
+    if not path.is_file():
+        raise PlanError(f"sharding plan file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError(f"sharding plan {str(path)!r} is not valid TOML: {e}") from e
+    return plan_from_dict(data, path.stem)
+
+
+def make_mesh(plan: Plan, devices: Sequence[Any] | None = None) -> Mesh:
+    """The plan's mesh over ``devices`` (default: the first ``plan.size`` of ``jax.devices()``, all hosts')."""
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) < plan.size:
+        raise PlanError(
+            f"sharding plan {plan.name!r} needs {plan.size} devices (mesh {plan.mesh_dict})"
+            f" but {len(devices)} are available; on CPU set XLA_FLAGS=--xla_force_host_platform_device_count="
+            f"{plan.size} before importing jax"
+        )
+    return Mesh(np.asarray(devices[: plan.size], dtype=object).reshape(plan.mesh_shape), plan.mesh_axes)
+
+
+def partition_spec(plan: Plan, axes: Sequence[str | None], shape: Sequence[int], where: str) -> PartitionSpec:
+    """The ``PartitionSpec`` of an array with logical ``axes`` and ``shape`` under ``plan``; raises
+    :class:`PlanError` naming ``where`` for a dimension its mesh axes do not divide, or for two dimensions on one
+    mesh axis."""
+    if len(axes) != len(shape):
+        raise PlanError(f"{where}: {len(axes)} logical axes {tuple(axes)} for shape {tuple(shape)}")
+    used: dict[str, str] = {}
+    entries = []
+    for logical, size in zip(axes, shape, strict=True):
+        mesh_axes = plan.rule(logical) if logical else ()
+        for a in mesh_axes:
+            if a in used:
+                raise PlanError(
+                    f"{where} {tuple(shape)} with axes {tuple(axes)}: logical axes {used[a]!r} and {logical!r} both "
+                    f"map to mesh axis {a!r} in plan {plan.name!r}"
+                )
+            used[a] = logical
+        n = plan.axis_size(mesh_axes)
+        if size % n:
+            raise PlanError(
+                f"{where} {tuple(shape)} with axes {tuple(axes)}: {logical}={size} is not divisible by mesh axes "
+                f"{list(mesh_axes)} of size {n} in plan {plan.name!r}"
+            )
+        entries.append(None if not mesh_axes else mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    while entries and entries[-1] is None:
+        entries.pop()
+    return PartitionSpec(*entries)
+
+
+def _path_str(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def param_specs(model: nnx.Module, plan: Plan) -> Any:
+    """``nnx.State`` of the model's parameters with a ``PartitionSpec`` per leaf (works on abstract models)."""
+    state = nnx.state(model, nnx.Param)
+
+    def spec(path, variable):
+        axes = variable.get_metadata().get("axes")
+        if axes is None:
+            raise PlanError(f"parameter {_path_str(path)} has no logical axes")
+        return partition_spec(plan, axes, variable.shape, f"parameter {_path_str(path)}")
+
+    return jax.tree_util.tree_map_with_path(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@functools.lru_cache(maxsize=16)
+def param_axes(config) -> tuple[tuple[tuple, tuple[str, ...], tuple[int, ...]], ...]:
+    """``(path, logical axes, shape)`` of every parameter of ``config`` (an abstract model, built once per config)."""
+    from llama32_jax.model import _flatten, abstract_model
+
+    state = nnx.state(abstract_model(config), nnx.Param)
+    leaves = jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    paths = _flatten(nnx.to_pure_dict(state)).keys()
+    out = []
+    for path, (_, variable) in zip(paths, leaves, strict=True):
+        out.append((path, tuple(variable.get_metadata()["axes"]), tuple(variable.shape)))
+    return tuple(out)
+
+
+def flat_param_specs(config, plan: Plan) -> dict[tuple, PartitionSpec]:
+    """``{param path: PartitionSpec}`` for ``config``'s parameter tree (e.g. checkpoint restore targets)."""
+    return {
+        path: partition_spec(plan, axes, shape, f"parameter {'.'.join(map(str, path))}")
+        for path, axes, shape in param_axes(config)
+    }
+
+
+def validate(config, plan: Plan) -> None:
+    """Raise :class:`PlanError` unless ``plan`` can shard every parameter of ``config`` (no compile, no memory).
+
+    Checked on the scanned layout: the same dimensions, plus the stacked layer axis."""
+    flat_param_specs(config.replace(scan_layers=True), plan)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """What a sharded model keeps (static, hashable): the plan and its mesh. Layers read it to constrain
+    activations; generation to place the KV cache and cross-attention inputs."""
+
+    plan: Plan
+    mesh: Mesh
+
+    def sharding(self, axes: Sequence[str | None], shape: Sequence[int], where: str) -> NamedSharding:
+        return NamedSharding(self.mesh, partition_spec(self.plan, axes, shape, where))
+
+    def constrain(self, x: jax.Array, axes: Sequence[str | None], where: str = "activation") -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, self.sharding(axes, x.shape, where))
+
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+
+def constrain(placement: Placement | None, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """``x`` constrained to ``axes`` under ``placement`` (unchanged when the model is not sharded)."""
+    return x if placement is None else placement.constrain(x, axes)
+
+
+def constrain_activation(placement: Placement | None, h: jax.Array) -> jax.Array:
+    """Block-boundary activations ``[B, T, D]``: batch-sharded, replicated over the model axes."""
+    if placement is None:
+        return h
+    return placement.constrain(h, (dims.BATCH, None, None), "activations [batch, seq, embed]")
+
+
+def cache_axes(stacked: bool) -> tuple[str, ...]:
+    from llama32_jax.cache import LAYER_AXES, STACKED_AXES
+
+    return STACKED_AXES if stacked else LAYER_AXES
+
+
+def constrain_cache(placement: Placement | None, cache):
+    """The KV cache with every buffer constrained to its plan sharding (``start`` batch-sharded)."""
+    if placement is None or cache is None:
+        return cache
+    axes = cache_axes(cache.stacked)
+    if cache.stacked:
+        k = placement.constrain(cache.k, axes, "KV cache k")
+        v = placement.constrain(cache.v, axes, "KV cache v")
+    else:
+        k = tuple(placement.constrain(x, axes, f"KV cache k[{i}]") for i, x in enumerate(cache.k))
+        v = tuple(placement.constrain(x, axes, f"KV cache v[{i}]") for i, x in enumerate(cache.v))
+    start = placement.constrain(cache.start, (dims.BATCH,), "KV cache start")
+    return dataclasses.replace(cache, k=k, v=v, start=start)
+
+
+def constrain_cross(placement: Placement | None, cross):
+    """Cross-attention inputs: each block's K/V ``[B, K, N_v, H]`` (stacked ``[C, ...]`` when scanned) and the
+    tile mask ``[B, S, I, R]``, batch-sharded with K/V heads on the plan's kv_heads axes."""
+    if placement is None or cross is None:
+        return cross
+
+    def kv_axes(x):
+        return CROSS_KV_AXES if x.ndim == 4 else (dims.LAYERS, *CROSS_KV_AXES)
+
+    kv = jax.tree.map(lambda x: placement.constrain(x, kv_axes(x), "cross-attention K/V"), cross.kv)
+    mask = placement.constrain(cross.tile_mask, (dims.BATCH, None, None, None), "cross-attention tile mask")
+    return dataclasses.replace(cross, kv=kv, tile_mask=mask)
+
+
+def shard_model(model: nnx.Module, plan: str | os.PathLike | Plan, mesh: Mesh | None = None) -> nnx.Module:
+    """Place ``model``'s parameters by ``plan`` (on ``mesh``, default :func:`make_mesh`) and record the placement,
+    so its calls constrain activations, caches and cross-attention inputs. Returns the same module."""
+    plan = load_plan(plan)
+    mesh = make_mesh(plan) if mesh is None else mesh
+    if tuple(mesh.axis_names) != plan.mesh_axes or tuple(mesh.devices.shape) != plan.mesh_shape:
+        raise PlanError(f"mesh {dict(mesh.shape)} does not match plan {plan.name!r} ({plan.mesh_dict})")
+    specs = nnx.to_pure_dict(param_specs(model, plan))
+    state = nnx.state(model, nnx.Param)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=_is_spec)
+    placed = jax.device_put(nnx.to_pure_dict(state), shardings)
+    nnx.replace_by_pure_dict(state, placed)
+    nnx.update(model, state)
+    model.placement = Placement(plan, mesh)
+    return model
+
+
+def _is_spec(x) -> bool:
+    return isinstance(x, PartitionSpec)
+
+
+# Rules used when a bare Mesh is given: standard roles by axis name.
+_ROLE_RULES = {
+    "data": {dims.BATCH: "data"},
+    "fsdp": {dims.BATCH: "fsdp", dims.EMBED: "fsdp", "vision_embed": "fsdp"},
+    "tensor": {
+        dims.Q_HEADS: "tensor",
+        dims.KV_HEADS: "tensor",
+        dims.MLP: "tensor",
+        dims.VOCAB: "tensor",
+        "vision_heads": "tensor",
+        "vision_mlp": "tensor",
+    },
+}
+
+
+def plan_for_mesh(mesh: Mesh) -> Plan:
+    """A plan for a bare ``Mesh`` whose axes are named by role: ``data`` (batch), ``fsdp`` (batch + model
+    width of the weights), ``tensor`` (heads, MLP width, vocabulary)."""
+    unknown = [a for a in mesh.axis_names if a not in _ROLE_RULES]
+    if unknown:
+        raise PlanError(
+            f"mesh axes {unknown} have no standard role; name mesh axes 'data', 'fsdp' or 'tensor', or pass a "
+            f"plan (one of {available_plans()} or a .toml path)"
+        )
+    rules: dict[str, list[str]] = {}
+    for axis in mesh.axis_names:
+        for logical, target in _ROLE_RULES[axis].items():
+            rules.setdefault(logical, []).append(target)
+    shape = [int(mesh.shape[a]) for a in mesh.axis_names]
+    return plan_from_dict({"mesh": {"shape": shape, "axes": list(mesh.axis_names)}, "rules": rules}, "mesh")
+
+
+def resolve(plan_or_mesh: str | os.PathLike | Plan | Mesh) -> tuple[Plan, Mesh]:
+    """``(plan, mesh)`` from a plan (name, path, Plan; mesh over the first devices) or a ``Mesh``."""
+    if isinstance(plan_or_mesh, Mesh):
+        return plan_for_mesh(plan_or_mesh), plan_or_mesh
+    plan = load_plan(plan_or_mesh)
+    return plan, make_mesh(plan)
+
+
+def restore_shardings(config, plan: Plan, mesh: Mesh):
+    """``fn(param_path, shape) -> NamedSharding`` for restoring ``config``'s per-layer checkpoint into the plan."""
+    specs = flat_param_specs(config.replace(scan_layers=False), plan)
+
+    def fn(path: tuple, shape: tuple) -> NamedSharding:
+        return NamedSharding(mesh, specs[path])
+
+    return fn
+
+
+def placement_of(model: nnx.Module) -> Placement | None:
+    return getattr(model, "placement", None)
