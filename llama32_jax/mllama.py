@@ -161,14 +161,10 @@ class MllamaText(nnx.Module):
                 layer = x["group"] * k + i
                 pick = lambda a, layer=layer: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
                 block = nnx.merge(self_def, jax.tree.map(pick, self_state))
-                layer_kv = None
-                if k_all is not None:
-                    layer_kv = (pick(k_all), pick(v_all))
-                h, layer_kv = block(h, cos, sin, mask, layer_kv, index)
+                h, new_kv = block(h, cos, sin, mask, None if k_all is None else (k_all, v_all, layer), index)
                 h = constrain_activation(self.placement, h)
                 if k_all is not None:
-                    k_all = jax.lax.dynamic_update_index_in_dim(k_all, layer_kv[0].astype(k_all.dtype), layer, 0)
-                    v_all = jax.lax.dynamic_update_index_in_dim(v_all, layer_kv[1].astype(v_all.dtype), layer, 0)
+                    k_all, v_all = new_kv
             return (h, k_all, v_all), None
 
         carry = (h, None, None) if cache is None else (h, cache.k, cache.v)
