@@ -200,6 +200,7 @@ def test_tensor_parallel_decode_gathers_no_full_weight(text_params, vision_param
     gathered = [
         tuple(int(d) for d in m.split(",") if d) for m in re.findall(r"= f32\[([\d,]*)\][^=]*? all-gather", hlo)
     ]
+    assert len(gathered) == len(re.findall(r"all-gather(?:-start)?\(", hlo))  # every gather was parsed
     full = _weight_shapes(model)
     both = {s for s in full} | {s[1:] for s in full if len(s) > 2}
     assert not [s for s in gathered if s in both], f"all-gathers of full weights: {gathered}"
