@@ -37,7 +37,7 @@ from llama32_jax.cross_attention import CrossAttentionBlock, VisionKV, token_mas
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.layers import Embed, RMSNorm, make_param
 from llama32_jax.sharding import constrain_activation, constrain_cache, constrain_cross
-from llama32_jax.text import DecoderBlock, token_positions
+from llama32_jax.text import DecoderBlock, run_unrolled, token_positions
 
 
 @jax.tree_util.register_dataclass
@@ -126,19 +126,15 @@ class MllamaText(nnx.Module):
 
     def _run_unrolled(self, h, cos, sin, mask, cache, index, cross_args):
         schedule = self.config.text.meta_fusion_schedule
-        new_k, new_v = [], []
-        for i, block in enumerate(self.layers):
-            if cross_args is not None and i in schedule:
-                kv, xmask, row_mask = cross_args
-                j = schedule.index(i)
-                h = constrain_activation(self.placement, self.cross_layers[j](h, kv[j], xmask, row_mask))
-            layer_kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, layer_kv = block(h, cos, sin, mask, layer_kv, index)
-            h = constrain_activation(self.placement, h)
-            if layer_kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
-        return h, tuple(new_k), tuple(new_v)
+
+        def cross_block(i, h):  # cross-attention block j runs right before self-attention layer schedule[j]
+            if cross_args is None or i not in schedule:
+                return h
+            kv, xmask, row_mask = cross_args
+            j = schedule.index(i)
+            return constrain_activation(self.placement, self.cross_layers[j](h, kv[j], xmask, row_mask))
+
+        return run_unrolled(self.layers, h, cos, sin, mask, cache, index, self.placement, cross_block)
 
     def _run_groups(self, h, cos, sin, mask, cache, index, cross_args):
         """``lax.scan`` over the ``C`` groups ``[self x (k-1), cross, self]`` (stacked parameters; the stacked

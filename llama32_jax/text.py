@@ -154,15 +154,24 @@ class Transformer(nnx.Module):
                 return h, None, None
             h, k, v = scan_with_cache(block, h, state, cache.k, cache.v)
             return h, k, v
-        new_k, new_v = [], []
-        for i, block in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, layer_kv = block(h, cos, sin, mask, kv, index)
-            h = constrain_activation(self.placement, h)
-            if layer_kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
-        return h, tuple(new_k), tuple(new_v)
+        return run_unrolled(self.layers, h, cos, sin, mask, cache, index, self.placement)
+
+
+def run_unrolled(layers, h, cos, sin, mask, cache: KVCache | None, index, placement, before_layer=None):
+    """The unrolled layout: a Python loop over per-layer blocks and cache buffers; returns ``(h, new k, new v)``.
+
+    ``before_layer(i, h) -> h`` runs ahead of layer ``i`` (the vision decoder's cross-attention blocks)."""
+    new_k, new_v = [], []
+    for i, block in enumerate(layers):
+        if before_layer is not None:
+            h = before_layer(i, h)
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        h, layer_kv = block(h, cos, sin, mask, kv, index)
+        h = constrain_activation(placement, h)
+        if layer_kv is not None:
+            new_k.append(layer_kv[0])
+            new_v.append(layer_kv[1])
+    return h, tuple(new_k), tuple(new_v)
 
 
 def scan_with_cache(block, h, stacked_state, cache_k, cache_v):
