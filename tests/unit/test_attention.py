@@ -46,3 +46,18 @@ def test_fully_masked_row_is_finite():
     k = v = jnp.ones((1, 1, 3, 4))
     out = attention(q, k, v, jnp.zeros((1, 1, 3), bool))
     assert np.all(np.isfinite(np.asarray(out)))
+
+
+@pytest.mark.parametrize("t,chunk", [(11, 4), (12, 4), (7, 3)])
+@pytest.mark.parametrize("masked", [True, False])
+def test_query_blocks_match_naive(t, chunk, masked):
+    """More queries than ``q_chunk``: blocks of queries (the last one padded) give the one-shot result."""
+    rng = np.random.default_rng(t * chunk)
+    b, n, kv, s, h = 2, 4, 2, t, 8
+    q, k, v = (rng.normal(size=shape) for shape in [(b, t, n, h), (b, kv, s, h), (b, kv, s, h)])
+    mask = np.asarray(causal_mask(jnp.arange(t), jnp.arange(s), jnp.asarray([0, 0])))  # causal, no empty rows
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    out = attention(*args, jnp.asarray(mask) if masked else None, q_chunk=chunk)
+    want = _naive(q, k, v, mask if masked else np.ones((b, t, s), bool))
+    np.testing.assert_allclose(np.asarray(out), want, atol=1e-5)
+    assert out.shape == (b, t, n, h)
