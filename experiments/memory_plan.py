@@ -95,7 +95,7 @@ def _cpu_weight_upcasts(hlo: str, params) -> int:
 def plan_memory(model_name: str, plan_name: str, batch: int, cache_len: int, prompt_len: int, images: int) -> dict:
     config = configs.get_config(model_name).replace(scan_layers=True)
     plan = sharding.load_plan(plan_name)
-    mesh = sharding.make_mesh(plan)
+    mesh = sharding.make_mesh(plan, jax.devices("cpu"))  # simulated CPU devices, also on a GPU/TPU host
     sharding.validate(config, plan)
     batch = -(-batch // plan.batch_shards) * plan.batch_shards  # a data-parallel plan needs a batch per replica
     model = abstract_model(config, param_dtype=jnp.bfloat16)
