@@ -99,14 +99,14 @@ def plan_memory(model_name: str, plan_name: str, batch: int, cache_len: int, pro
     sharding.validate(config, plan)
     batch = -(-batch // plan.batch_shards) * plan.batch_shards  # a data-parallel plan needs a batch per replica
     model = abstract_model(config, param_dtype=jnp.bfloat16)
-    model.placement = sharding.Placement(plan, mesh)
+    placement = sharding.Placement(plan, mesh)
+    model.placement = placement
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
     specs = nnx.to_pure_dict(sharding.param_specs(model, plan))
     params = _abstract(pure, specs, mesh)
 
     cache = jax.eval_shape(lambda: KVCache.init(config, batch, cache_len, dtype=jnp.bfloat16))
-    placement = sharding.Placement(plan, mesh)
     axes = sharding.cache_axes(True)
     cache = KVCache(
         k=jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype, sharding=placement.sharding(axes, cache.k.shape, "k")),

@@ -66,7 +66,6 @@ def _known_axes() -> frozenset[str]:
 # The vision tokens' axis of the cross-attention keys/values ([B, K, N_v, H]).
 VISION_TOKENS_AXIS = "vision_seq"
 CROSS_KV_AXES = (dims.BATCH, dims.KV_HEADS, VISION_TOKENS_AXIS, dims.HEAD_DIM)
-ACTIVATION_AXES = (dims.BATCH, dims.SEQ, dims.EMBED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,11 +296,6 @@ class Placement:
         return NamedSharding(self.mesh, PartitionSpec())
 
 
-def constrain(placement: Placement | None, x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-    """``x`` constrained to ``axes`` under ``placement`` (unchanged when the model is not sharded)."""
-    return x if placement is None else placement.constrain(x, axes)
-
-
 def constrain_activation(placement: Placement | None, h: jax.Array) -> jax.Array:
     """Block-boundary activations ``[B, T, D]``: batch-sharded, replicated over the model axes."""
     if placement is None:
@@ -413,7 +407,3 @@ def restore_shardings(config, plan: Plan, mesh: Mesh):
         return NamedSharding(mesh, specs[path])
 
     return fn
-
-
-def placement_of(model: nnx.Module) -> Placement | None:
-    return getattr(model, "placement", None)

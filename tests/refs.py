@@ -13,20 +13,24 @@ import numpy as np
 from llama32_jax.configs import TextConfig
 
 
+def hf_rope_parameters(t: TextConfig) -> dict:
+    """transformers' ``rope_parameters`` for our text config (llama3 scaling, or plain RoPE)."""
+    if t.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": t.rope_theta}
+    s = t.rope_scaling
+    return {
+        "rope_type": "llama3",
+        "rope_theta": t.rope_theta,
+        "factor": s.factor,
+        "low_freq_factor": s.low_freq_factor,
+        "high_freq_factor": s.high_freq_factor,
+        "original_max_position_embeddings": s.original_max_position_embeddings,
+    }
+
+
 def hf_llama_config(t: TextConfig):
     from transformers import LlamaConfig
 
-    rope = {"rope_type": "default", "rope_theta": t.rope_theta}
-    if t.rope_scaling is not None:
-        s = t.rope_scaling
-        rope = {
-            "rope_type": "llama3",
-            "rope_theta": t.rope_theta,
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        }
     return LlamaConfig(
         vocab_size=t.vocab_size,
         hidden_size=t.dim,
@@ -37,7 +41,7 @@ def hf_llama_config(t: TextConfig):
         head_dim=t.head_dim,
         rms_norm_eps=t.norm_eps,
         max_position_embeddings=t.max_position_embeddings,
-        rope_parameters=rope,
+        rope_parameters=hf_rope_parameters(t),
         tie_word_embeddings=t.tie_embeddings,
         attn_implementation="eager",
     )

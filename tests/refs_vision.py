@@ -16,7 +16,7 @@ import types
 import numpy as np
 
 from llama32_jax.configs import TINY_VISION, ModelConfig, llama3_ffn_dim
-from tests.refs import init_meta_model_parallel, meta_params_json
+from tests.refs import hf_rope_parameters, init_meta_model_parallel, meta_params_json
 
 # TINY_VISION with two cross-attention layers (Meta schedule [1, 3], HF merged positions [1, 4]) so the merged
 # index is exercised beyond its first entry; <|image|> is the first learnable-embedding row (vocab_size, the
@@ -202,7 +202,8 @@ def meta_logits(model, tiles, tokens=TOKENS, images=IMAGES, image_token: int = I
 def hf_mllama_config(config: ModelConfig):
     from transformers import MllamaConfig
 
-    t, v, s = config.text, config.vision, config.text.rope_scaling
+    t, v = config.text, config.vision
+    assert t.rope_scaling is not None, "the vision models use llama3 RoPE scaling"
     text = dict(
         vocab_size=t.vocab_size,
         hidden_size=t.dim,
@@ -213,14 +214,7 @@ def hf_mllama_config(config: ModelConfig):
         intermediate_size=t.ffn_dim,
         rms_norm_eps=t.norm_eps,
         max_position_embeddings=t.max_position_embeddings,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": t.rope_theta,
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_position_embeddings,
-        },
+        rope_parameters=hf_rope_parameters(t),
         tie_word_embeddings=False,
         pad_token_id=None,  # HF's defaults (128004, 128000, 128001) are not rows of a tiny vocabulary
         bos_token_id=1,

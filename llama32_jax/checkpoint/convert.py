@@ -107,6 +107,12 @@ def params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, Any], f
                 f"{head!r} differs from {mapper.embed_key!r} but the config ties the output head to the "
                 "embedding; load with tie_embeddings=False"
             )
+    return map_state_dict(mapper, state_dict)
+
+
+def map_state_dict(mapper, state_dict: Mapping[str, Any]) -> dict:
+    """Feed every tensor of ``state_dict`` through ``mapper`` (text or vision) into a nested tree; then
+    ``mapper.finish()`` checks that every parameter was filled."""
     tree: dict = {}
     for key, value in state_dict.items():
         for path, array in mapper.map(key, value):

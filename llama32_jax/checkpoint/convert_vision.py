@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from llama32_jax.checkpoint.convert import _set, to_numpy
+from llama32_jax.checkpoint.convert import map_state_dict, to_numpy
 from llama32_jax.checkpoint.keymap_vision import (
     IGNORED,
     INDEX_SPACES,
@@ -122,13 +122,7 @@ def vision_params_from_state_dict(config: ModelConfig, state_dict: Mapping[str, 
     in-memory names. Strict: an unknown key, a missing key, a layer index out of range or a tensor whose shape
     does not fit ``config`` raises :class:`CheckpointError` naming the key. Meta's ``rope.freqs`` is ignored.
     """
-    mapper = VisionTensorMapper(config, fmt)
-    tree: dict = {}
-    for key, value in state_dict.items():
-        for path, array in mapper.map(key, value):
-            _set(tree, path, array)
-    mapper.finish()
-    return tree
+    return map_state_dict(VisionTensorMapper(config, fmt), state_dict)
 
 
 def _get(params: Mapping, path: tuple) -> Any:

@@ -46,13 +46,10 @@ TOL = 1e-5
 def _params(config, seed=0):
     model = init_model(config, param_dtype=jnp.float32, seed=seed)
     tree = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    if config.is_vision:  # open every tanh gate (zero at init) so the vision path matters
-        for path, _ in _flatten(tree).items():
-            node = tree
-            for key in path[:-1]:
-                node = node[key]
-            if "gate" in str(path[-1]) or path[-2:] == ("gate",):
-                node[path[-1]] = jnp.full_like(node[path[-1]], 0.6)
+    if config.is_vision:  # open every tanh gate (zero at init: gate, gate_attn, gate_ffn, ...) so images matter
+        tree = jax.tree_util.tree_map_with_path(
+            lambda path, x: jnp.full_like(x, 0.6) if "gate" in str(path[-1].key) else x, tree
+        )
     return tree
 
 
