@@ -53,6 +53,16 @@ class Model:
     def __repr__(self) -> str:
         return f"Model({self.config.name!r}, source={self.source!r})"
 
+    def set_attention_impl(self, impl: str) -> Model:
+        """Use ``impl`` for every attention call: ``"auto"`` (Pallas kernels on GPU/TPU, XLA on CPU), ``"xla"`` or
+        ``"pallas"`` (our kernels; interpreted on CPU, which is slow but exact). Returns the model."""
+        from llama32_jax.kernels.attend import set_attention_impl
+
+        if impl not in ATTENTION_IMPLS:
+            raise InvalidInputError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+        set_attention_impl(self.module, impl)
+        return self
+
     # ----------------------------------------------------------------------------------------------------------
     def logits(self, token_ids: Any, images: Any = None) -> np.ndarray:
         """Full-sequence logits: ``token_ids [B, T]`` ints (model ids) -> ``[B, T, V]`` float32 numpy.
@@ -365,8 +375,10 @@ class _TextStreamer:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _placed(model: Model, placement) -> Model:
-    """Shard the model's parameters by ``placement`` (plan, mesh); arrays already in place are not moved."""
+def _placed(model: Model, placement, attention_impl: str) -> Model:
+    """Shard the model's parameters by ``placement`` (plan, mesh; arrays already in place are not moved) and set
+    its attention implementation."""
+    model.set_attention_impl(attention_impl)
     if placement is not None:
         from llama32_jax.sharding import shard_model
 
@@ -387,7 +399,11 @@ def load(
     ``path`` is a converted Orbax directory (``llama32_jax.convert``; restored straight to the device), an HF
     model directory (``config.json`` + safetensors + tokenizer files), a Meta directory (``params.json`` +
     ``consolidated.NN.pth`` shards + ``tokenizer.model``; text models) or a llama-architecture ``.gguf`` file
-    (dequantized to ``dtype``). ``attention_impl="pallas"`` arrives with its issue and is refused until then.
+    (dequantized to ``dtype``).
+
+    ``attention_impl``: ``"auto"`` uses our Pallas kernels (:mod:`llama32_jax.kernels`: flash attention for
+    prefill, split-K decode attention, the Mllama cross-attention) on GPU and TPU and XLA's attention on CPU;
+    ``"pallas"`` forces the kernels (on CPU they run in Pallas' interpreter: exact, slow); ``"xla"`` forces XLA.
 
     ``mesh``: a sharding plan (a name in ``sharding/`` such as ``"h100x8"``, a ``.toml`` path, a
     :class:`~llama32_jax.sharding.Plan`) or a ``jax.sharding.Mesh`` with axes named ``data`` / ``fsdp`` /
@@ -399,8 +415,6 @@ def load(
         raise InvalidInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if attention_impl not in ATTENTION_IMPLS:
         raise InvalidInputError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
-    if attention_impl == "pallas":
-        raise InvalidInputError("attention_impl='pallas' is not available yet; use 'auto' or 'xla'")
     placement = None
     if mesh is not None:
         from llama32_jax import sharding
@@ -425,7 +439,9 @@ def load(
             add_bos=ckpt.add_bos,
         )
         return _placed(
-            Model(load_params(config, ckpt.params, param_dtype=param_dtype), tokenizer, source=path), placement
+            Model(load_params(config, ckpt.params, param_dtype=param_dtype), tokenizer, source=path),
+            placement,
+            attention_impl,
         )
     if os.path.isdir(path) and is_converted_checkpoint(path):
         from llama32_jax.checkpoint.orbax_ckpt import read_manifest, restore_params
@@ -442,7 +458,11 @@ def load(
         config = config.replace(scan_layers=scan_layers)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = load_tokenizer(path) if has_tok else None
-        return _placed(Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path), placement)
+        return _placed(
+            Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path),
+            placement,
+            attention_impl,
+        )
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         from llama32_jax.checkpoint.hf import read_hf_params
         from llama32_jax.tokenizer import load_tokenizer
@@ -451,7 +471,11 @@ def load(
         config = config.replace(scan_layers=scan_layers)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = load_tokenizer(path) if has_tok else None
-        return _placed(Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path), placement)
+        return _placed(
+            Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path),
+            placement,
+            attention_impl,
+        )
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json")):
         from llama32_jax.checkpoint.meta import read_meta_params
         from llama32_jax.tokenizer import load_tokenizer
@@ -459,7 +483,11 @@ def load(
         config, params = read_meta_params(path, scan_layers=scan_layers)
         tok_file = os.path.join(path, "tokenizer.model")
         tokenizer = load_tokenizer(tok_file) if os.path.isfile(tok_file) else None
-        return _placed(Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path), placement)
+        return _placed(
+            Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path),
+            placement,
+            attention_impl,
+        )
     raise CheckpointError(
         f"{path!r} is not a checkpoint llama32_jax can load: expected a converted directory (llama32_jax.json), an "
         "HF directory (config.json), a Meta directory (params.json) or a .gguf file"

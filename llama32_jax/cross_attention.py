@@ -18,8 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama32_jax import dims
-from llama32_jax.attention import attention
 from llama32_jax.configs import TextConfig
+from llama32_jax.kernels.attend import cross_attend
 from llama32_jax.layers import HeadsProjection, MergeHeadsProjection, RMSNorm, make_param
 from llama32_jax.text import FeedForward
 
@@ -38,6 +38,9 @@ class CrossAttention(nnx.Module):
         self.wo = MergeHeadsProjection((d, n, h), (dims.EMBED, dims.Q_HEADS, dims.HEAD_DIM), **kw)
         self.q_norm = RMSNorm(h, cfg.norm_eps, axis_name=dims.HEAD_DIM, **kw)
         self.k_norm = RMSNorm(h, cfg.norm_eps, axis_name=dims.HEAD_DIM, **kw)
+        # Static choices (llama32_jax.kernels.attend.set_attention_impl, sharding.shard_model).
+        self.attention_impl = "auto"
+        self.placement = None
 
     def vision_kv(self, vision_tokens: jax.Array) -> VisionKV:
         """``[B, N_v, D]`` projected vision tokens -> normed keys and values ``[B, K, N_v, H]``."""
@@ -45,11 +48,15 @@ class CrossAttention(nnx.Module):
         v = self.wv(vision_tokens).transpose(0, 2, 1, 3)
         return k, v
 
-    def __call__(self, x: jax.Array, kv: VisionKV, mask: jax.Array) -> jax.Array:
-        """``x [B, T, D]`` (already normed), ``mask [B, T, N_v]`` bool -> ``[B, T, D]`` (before the row mask)."""
+    def __call__(self, x: jax.Array, kv: VisionKV, tiles: jax.Array) -> jax.Array:
+        """``x [B, T, D]`` (already normed), ``tiles [B, T, I, R]`` bool (which image tiles each row sees) ->
+        ``[B, T, D]`` (before the row mask)."""
         q = self.q_norm(self.wq(x))  # [B, T, N, H]
         k, v = kv
-        return self.wo(attention(q, k.astype(q.dtype), v.astype(q.dtype), mask))
+        out = cross_attend(
+            q, k.astype(q.dtype), v.astype(q.dtype), tiles, impl=self.attention_impl, placement=self.placement
+        )
+        return self.wo(out)
 
 
 class CrossAttentionBlock(nnx.Module):
@@ -67,20 +74,11 @@ class CrossAttentionBlock(nnx.Module):
     def vision_kv(self, vision_tokens: jax.Array) -> VisionKV:
         return self.attention.vision_kv(vision_tokens)
 
-    def __call__(self, x: jax.Array, kv: VisionKV, mask: jax.Array, row_mask: jax.Array) -> jax.Array:
-        """``x [B, T, D]``, ``kv`` from :meth:`vision_kv`, ``mask [B, T, N_v]`` bool, ``row_mask [B, T]`` bool."""
+    def __call__(self, x: jax.Array, kv: VisionKV, tiles: jax.Array, row_mask: jax.Array) -> jax.Array:
+        """``x [B, T, D]``, ``kv`` from :meth:`vision_kv`, ``tiles [B, T, I, R]`` bool (the tile mask rows of these
+        tokens; ``N_v = I * R * P``), ``row_mask [B, T]`` bool."""
         row = row_mask[..., None].astype(x.dtype)
-        attn = self.attention(self.attention_norm(x), kv, mask) * row
+        attn = self.attention(self.attention_norm(x), kv, tiles) * row
         h = x + jnp.tanh(self.gate_attn[...]).astype(x.dtype) * attn
         ffn = self.feed_forward(self.ffn_norm(h)) * row
         return h + jnp.tanh(self.gate_ffwd[...]).astype(x.dtype) * ffn
-
-
-def token_mask(tile_mask: jax.Array, tokens_per_tile: int) -> jax.Array:
-    """``[B, T, I, R]`` tile mask (:func:`llama32_jax.cross_mask.dense_cross_attention_mask`) -> ``[B, T, I*R*P]``.
-
-    Vision tokens are laid out image-major, then tile, then token (SPEC §4.4), so each tile's flag covers its ``P``
-    consecutive tokens.
-    """
-    b, t, i, r = tile_mask.shape
-    return jnp.repeat(tile_mask, tokens_per_tile, axis=-1).reshape(b, t, i * r * tokens_per_tile)

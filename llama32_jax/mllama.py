@@ -33,7 +33,7 @@ from flax import nnx
 from llama32_jax import dims
 from llama32_jax.cache import KVCache
 from llama32_jax.configs import ModelConfig
-from llama32_jax.cross_attention import CrossAttentionBlock, VisionKV, token_mask
+from llama32_jax.cross_attention import CrossAttentionBlock, VisionKV
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.layers import Embed, RMSNorm, make_param
 from llama32_jax.sharding import constrain_activation, constrain_cache, constrain_cross
@@ -99,22 +99,21 @@ class MllamaText(nnx.Module):
         cross: CrossInputs | None = None,
         last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        index, positions, cos, sin, mask = token_positions(self.config, tokens, cache)
+        index, positions, cos, sin, span = token_positions(self.config, tokens, cache)
         b, length = tokens.shape
 
         cross_args = None
         if cross is not None:
             rows = jnp.clip(positions, 0, cross.tile_mask.shape[1] - 1)  # left padding: any row (never read)
             tiles = jnp.take_along_axis(cross.tile_mask, rows[:, :, None, None], axis=1)  # [B, T, I, R]
-            xmask = token_mask(tiles, cross.tokens_per_tile)  # [B, T, N_v]
             row_mask = tiles.reshape(b, length, -1).any(axis=-1) & (positions >= 0)
-            cross_args = (cross.kv, xmask, row_mask)
+            cross_args = (cross.kv, tiles, row_mask)
 
         h = constrain_activation(self.placement, self.embed_tokens(tokens))
         if self.config.scan_layers:
-            h, new_k, new_v = self._run_groups(h, cos, sin, mask, cache, index, cross_args)
+            h, new_k, new_v = self._run_groups(h, cos, sin, span, cache, index, cross_args)
         else:
-            h, new_k, new_v = self._run_unrolled(h, cos, sin, mask, cache, index, cross_args)
+            h, new_k, new_v = self._run_unrolled(h, cos, sin, span, cache, index, cross_args)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
@@ -124,19 +123,19 @@ class MllamaText(nnx.Module):
         new_cache = dataclasses.replace(cache, k=new_k, v=new_v, index=index + length)
         return logits, constrain_cache(self.placement, new_cache)
 
-    def _run_unrolled(self, h, cos, sin, mask, cache, index, cross_args):
+    def _run_unrolled(self, h, cos, sin, span, cache, index, cross_args):
         schedule = self.config.text.meta_fusion_schedule
 
         def cross_block(i, h):  # cross-attention block j runs right before self-attention layer schedule[j]
             if cross_args is None or i not in schedule:
                 return h
-            kv, xmask, row_mask = cross_args
+            kv, tiles, row_mask = cross_args
             j = schedule.index(i)
-            return constrain_activation(self.placement, self.cross_layers[j](h, kv[j], xmask, row_mask))
+            return constrain_activation(self.placement, self.cross_layers[j](h, kv[j], tiles, row_mask))
 
-        return run_unrolled(self.layers, h, cos, sin, mask, cache, index, self.placement, cross_block)
+        return run_unrolled(self.layers, h, cos, sin, span, cache, index, self.placement, cross_block)
 
-    def _run_groups(self, h, cos, sin, mask, cache, index, cross_args):
+    def _run_groups(self, h, cos, sin, span, cache, index, cross_args):
         """``lax.scan`` over the ``C`` groups ``[self x (k-1), cross, self]`` (stacked parameters; the stacked
         cache is carried and updated in place, as in :func:`llama32_jax.text.scan_with_cache`)."""
         t = self.config.text
@@ -157,7 +156,7 @@ class MllamaText(nnx.Module):
                 layer = x["group"] * k + i
                 pick = lambda a, layer=layer: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
                 block = nnx.merge(self_def, jax.tree.map(pick, self_state))
-                h, new_kv = block(h, cos, sin, mask, None if k_all is None else (k_all, v_all, layer), index)
+                h, new_kv = block(h, cos, sin, span, None if k_all is None else (k_all, v_all, layer), index)
                 h = constrain_activation(self.placement, h)
                 if k_all is not None:
                     k_all, v_all = new_kv

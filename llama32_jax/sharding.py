@@ -339,8 +339,9 @@ def constrain_cross(placement: Placement | None, cross):
 
 
 def shard_model(model: nnx.Module, plan: str | os.PathLike | Plan, mesh: Mesh | None = None) -> nnx.Module:
-    """Place ``model``'s parameters by ``plan`` (on ``mesh``, default :func:`make_mesh`) and record the placement,
-    so its calls constrain activations, caches and cross-attention inputs. Returns the same module."""
+    """Place ``model``'s parameters by ``plan`` (on ``mesh``, default :func:`make_mesh`) and record the placement
+    on it and its attention modules, so its calls constrain activations, caches and cross-attention inputs and
+    run Pallas attention kernels per device. Returns the same module."""
     plan = load_plan(plan)
     mesh = make_mesh(plan) if mesh is None else mesh
     if tuple(mesh.axis_names) != plan.mesh_axes or tuple(mesh.devices.shape) != plan.mesh_shape:
@@ -351,7 +352,10 @@ def shard_model(model: nnx.Module, plan: str | os.PathLike | Plan, mesh: Mesh | 
     placed = jax.device_put(nnx.to_pure_dict(state), shardings)
     nnx.replace_by_pure_dict(state, placed)
     nnx.update(model, state)
-    model.placement = Placement(plan, mesh)
+    placement = Placement(plan, mesh)
+    for _, node in nnx.iter_graph(model):  # the model and its attention modules (which shard_map their kernels)
+        if isinstance(node, nnx.Module) and hasattr(node, "placement"):
+            node.placement = placement
     return model
 
 

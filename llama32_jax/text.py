@@ -8,6 +8,7 @@ on XLA:CPU). :func:`stack_layers` / :func:`unstack_layers` convert a parameter t
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -15,15 +16,24 @@ import numpy as np
 from flax import nnx
 
 from llama32_jax import dims
-from llama32_jax.attention import attention, causal_mask
 from llama32_jax.cache import KVCache
 from llama32_jax.configs import ModelConfig, TextConfig
 from llama32_jax.errors import InvalidInputError
+from llama32_jax.kernels.attend import self_attend
 from llama32_jax.layers import Einsum, Embed, HeadsProjection, MergeHeadsProjection, RMSNorm, make_param
 from llama32_jax.rope import apply_rope, inv_frequencies, rope_angles
 from llama32_jax.sharding import constrain_activation, constrain_cache
 
 LayerKV = tuple[jax.Array, jax.Array]
+
+
+class SlotSpan(NamedTuple):
+    """The self-attention span, structurally (:func:`llama32_jax.attention.self_attention`): query ``t`` sits in
+    slot ``q_offset + t`` and sees the causal keys in ``kv_start[b] <= s < kv_end[b]``."""
+
+    q_offset: jax.Array  # [] int32
+    kv_start: jax.Array  # [B] int32
+    kv_end: jax.Array  # [B] int32
 
 
 class SelfAttention(nnx.Module):
@@ -36,12 +46,16 @@ class SelfAttention(nnx.Module):
         self.wk = HeadsProjection((k, h, d), (dims.KV_HEADS, dims.HEAD_DIM, dims.EMBED), **kw)
         self.wv = HeadsProjection((k, h, d), (dims.KV_HEADS, dims.HEAD_DIM, dims.EMBED), **kw)
         self.wo = MergeHeadsProjection((d, n, h), (dims.EMBED, dims.Q_HEADS, dims.HEAD_DIM), **kw)
+        # Static choices (llama32_jax.kernels.attend.set_attention_impl, sharding.shard_model).
+        self.attention_impl = "auto"
+        self.placement = None
 
     def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, kv, index: jax.Array
+        self, x: jax.Array, cos: jax.Array, sin: jax.Array, span: SlotSpan, kv, index: jax.Array
     ) -> tuple[jax.Array, LayerKV | None]:
-        """``kv``: None (no cache), this layer's ``(k, v)`` buffers ``[B, K, S, H]``, or the stacked buffers and
-        the layer index ``(k_all, v_all, i)`` (scanned layout); the updated buffers of the same form come back."""
+        """``span``: which key slots each sequence may see (:func:`token_positions`). ``kv``: None (no cache), this
+        layer's ``(k, v)`` buffers ``[B, K, S, H]``, or the stacked buffers and the layer index ``(k_all, v_all,
+        i)`` (scanned layout); the updated buffers of the same form come back."""
         q = apply_rope(self.wq(x), cos, sin)  # [B, T, N, H]
         k = apply_rope(self.wk(x), cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
         v = self.wv(x).transpose(0, 2, 1, 3)  # [B, K, T, H]
@@ -61,7 +75,17 @@ class SelfAttention(nnx.Module):
             cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (zero, zero, index, zero))
             cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (zero, zero, index, zero))
             keys, values, new_kv = cache_k, cache_v, (cache_k, cache_v)
-        out = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask)  # [B, T, N, H]
+        out = self_attend(  # [B, T, N, H]
+            q,
+            keys.astype(q.dtype),
+            values.astype(q.dtype),
+            q_offset=span.q_offset,
+            kv_start=span.kv_start,
+            kv_end=span.kv_end,
+            impl=self.attention_impl,
+            placement=self.placement,
+            cached=kv is not None,
+        )
         return self.wo(out), new_kv
 
 
@@ -87,8 +111,8 @@ class DecoderBlock(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype, stack=stack, rngs=rngs)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, dtype=dtype, stack=stack, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, kv: LayerKV | None, index) -> tuple[jax.Array, LayerKV | None]:
-        attn_out, new_kv = self.attention(self.attention_norm(x), cos, sin, mask, kv, index)
+    def __call__(self, x, cos, sin, span, kv: LayerKV | None, index) -> tuple[jax.Array, LayerKV | None]:
+        attn_out, new_kv = self.attention(self.attention_norm(x), cos, sin, span, kv, index)
         h = x + attn_out
         return h + self.feed_forward(self.ffn_norm(h)), new_kv
 
@@ -125,10 +149,10 @@ class Transformer(nnx.Module):
         and with left padding the last slot holds every sequence's last prompt token.
         """
         t = self.config.text
-        index, _, cos, sin, mask = token_positions(self.config, tokens, cache)
+        index, _, cos, sin, span = token_positions(self.config, tokens, cache)
 
         h = constrain_activation(self.placement, self.embed(tokens))  # [B, T, D]
-        h, new_k, new_v = self._run_layers(h, cos, sin, mask, cache, index)
+        h, new_k, new_v = self._run_layers(h, cos, sin, span, cache, index)
         if last_only:
             h = h[:, -1:]
         h = self.norm(h)
@@ -141,12 +165,12 @@ class Transformer(nnx.Module):
         new_cache = dataclasses.replace(cache, k=new_k, v=new_v, index=index + tokens.shape[1])
         return logits, constrain_cache(self.placement, new_cache)
 
-    def _run_layers(self, h, cos, sin, mask, cache: KVCache | None, index):
+    def _run_layers(self, h, cos, sin, span, cache: KVCache | None, index):
         if self.config.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
             def block(h, layer_state, kv):
-                h, new_kv = nnx.merge(graphdef, layer_state)(h, cos, sin, mask, kv, index)
+                h, new_kv = nnx.merge(graphdef, layer_state)(h, cos, sin, span, kv, index)
                 return constrain_activation(self.placement, h), new_kv
 
             if cache is None:
@@ -154,10 +178,10 @@ class Transformer(nnx.Module):
                 return h, None, None
             h, k, v = scan_with_cache(block, h, state, cache.k, cache.v)
             return h, k, v
-        return run_unrolled(self.layers, h, cos, sin, mask, cache, index, self.placement)
+        return run_unrolled(self.layers, h, cos, sin, span, cache, index, self.placement)
 
 
-def run_unrolled(layers, h, cos, sin, mask, cache: KVCache | None, index, placement, before_layer=None):
+def run_unrolled(layers, h, cos, sin, span, cache: KVCache | None, index, placement, before_layer=None):
     """The unrolled layout: a Python loop over per-layer blocks and cache buffers; returns ``(h, new k, new v)``.
 
     ``before_layer(i, h) -> h`` runs ahead of layer ``i`` (the vision decoder's cross-attention blocks)."""
@@ -166,7 +190,7 @@ def run_unrolled(layers, h, cos, sin, mask, cache: KVCache | None, index, placem
         if before_layer is not None:
             h = before_layer(i, h)
         kv = None if cache is None else (cache.k[i], cache.v[i])
-        h, layer_kv = block(h, cos, sin, mask, kv, index)
+        h, layer_kv = block(h, cos, sin, span, kv, index)
         h = constrain_activation(placement, h)
         if layer_kv is not None:
             new_k.append(layer_kv[0])
@@ -195,7 +219,7 @@ def scan_with_cache(block, h, stacked_state, cache_k, cache_v):
 
 
 def token_positions(config: ModelConfig, tokens: jax.Array, cache: KVCache | None):
-    """Where ``tokens [B, T]`` go: ``(index, positions [B, T], cos, sin, causal mask [B, T, S])``.
+    """Where ``tokens [B, T]`` go: ``(index, positions [B, T], cos, sin, SlotSpan)``.
 
     Without a cache the tokens are a whole (unpadded) sequence; with one they are written at ``cache.index`` and
     each sequence's positions count from its first valid slot ``cache.start`` (left padding).
@@ -207,15 +231,15 @@ def token_positions(config: ModelConfig, tokens: jax.Array, cache: KVCache | Non
     if cache is None:
         start = jnp.zeros((b,), jnp.int32)
         index = jnp.zeros((), jnp.int32)
-        k_slots = jnp.arange(length, dtype=jnp.int32)
     else:
         check_cache(cache, config, b, length)
         start, index = cache.start, cache.index
-        k_slots = jnp.arange(cache.max_len, dtype=jnp.int32)
     q_slots = index + jnp.arange(length, dtype=jnp.int32)  # [T]
     positions = q_slots[None, :] - start[:, None]  # [B, T]
     cos, sin = rope_angles(positions, inv_frequencies(t.head_dim, t.rope_theta, t.rope_scaling))
-    return index, positions, cos, sin, causal_mask(q_slots, k_slots, start)
+    # Keys past this call's last token are not written yet (causality hides them too; the bound lets kernels stop).
+    end = jnp.broadcast_to(index + length, (b,)).astype(jnp.int32)
+    return index, positions, cos, sin, SlotSpan(index, start, end)
 
 
 def check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int) -> None:

@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 from llama32_jax.checkpoint.convert_vision import VisionTensorMapper
-from llama32_jax.cross_attention import CrossAttentionBlock, token_mask
+from llama32_jax.cross_attention import CrossAttentionBlock
 from llama32_jax.cross_mask import dense_cross_attention_mask, image_token_ranges, text_row_mask
 from tests.refs_vision import CFG, meta_mllama
 
@@ -64,12 +64,12 @@ def test_block_equals_meta_including_rows_without_images(blocks):
     tile_mask = dense_cross_attention_mask(ranges, tiles, length=10, max_tiles=4, max_images=3)
     rows = text_row_mask(tile_mask)
     assert not rows[0, :2].any() and rows[0, 2:].all() and not rows[2].any()
-    mask = np.array(token_mask(jnp.asarray(tile_mask), P))  # [B, T, I*R*P], writable for torch
+    mask = np.repeat(tile_mask.reshape(*tile_mask.shape[:2], -1), P, axis=-1)  # [B, T, I*R*P]: each tile's P tokens
     b, t, n_v = mask.shape
     x = rng.standard_normal((b, t, CFG.text.dim)).astype(np.float32)
     vision = rng.standard_normal((b, n_v, CFG.text.dim)).astype(np.float32)
 
-    got = ours(jnp.asarray(x), ours.vision_kv(jnp.asarray(vision)), jnp.asarray(mask), jnp.asarray(rows))
+    got = ours(jnp.asarray(x), ours.vision_kv(jnp.asarray(vision)), jnp.asarray(tile_mask), jnp.asarray(rows))
 
     with torch.no_grad():
         cache = meta.compute_xattn_kv_cache(torch.as_tensor(vision))

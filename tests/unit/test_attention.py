@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama32_jax.attention import attention, causal_mask
+from llama32_jax.attention import attention, slot_mask
 
 
 def _naive(q, k, v, mask):
@@ -27,25 +27,27 @@ def test_gqa_matches_naive(n, kv):
     b, t, s, h = 2, 5, 9, 16
     q, k, v = (rng.normal(size=shape) for shape in [(b, t, n, h), (b, kv, s, h), (b, kv, s, h)])
     start = np.array([0, 3])
-    mask = np.asarray(causal_mask(jnp.arange(4, 9), jnp.arange(s), jnp.asarray(start)))
+    mask = np.asarray(slot_mask(b, t, s, q_offset=4, kv_start=jnp.asarray(start)))
     out = attention(
         jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), jnp.asarray(mask)
     )
     np.testing.assert_allclose(np.asarray(out), _naive(q, k, v, mask), atol=1e-5)
 
 
-def test_causal_mask_semantics():
-    m = np.asarray(causal_mask(jnp.asarray([2, 3]), jnp.arange(5), jnp.asarray([0, 2])))
+def test_slot_mask_semantics():
+    m = np.asarray(slot_mask(2, 2, 5, q_offset=2, kv_start=jnp.asarray([0, 2])))
     assert m.shape == (2, 2, 5)
     np.testing.assert_array_equal(m[0], [[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
     np.testing.assert_array_equal(m[1], [[0, 0, 1, 0, 0], [0, 0, 1, 1, 0]])
 
 
-def test_fully_masked_row_is_finite():
-    q = jnp.ones((1, 1, 2, 4))
+def test_fully_masked_row_is_zero():
+    """A row that sees nothing gives exactly zero (the kernels' contract), and its neighbours are untouched."""
+    q = jnp.ones((1, 2, 2, 4))
     k = v = jnp.ones((1, 1, 3, 4))
-    out = attention(q, k, v, jnp.zeros((1, 1, 3), bool))
-    assert np.all(np.isfinite(np.asarray(out)))
+    out = np.asarray(attention(q, k, v, jnp.asarray([[[False] * 3, [True, False, False]]])))
+    np.testing.assert_array_equal(out[0, 0], 0.0)
+    np.testing.assert_allclose(out[0, 1], 1.0)
 
 
 @pytest.mark.parametrize("t,chunk", [(11, 4), (12, 4), (7, 3)])
@@ -55,7 +57,7 @@ def test_query_blocks_match_naive(t, chunk, masked):
     rng = np.random.default_rng(t * chunk)
     b, n, kv, s, h = 2, 4, 2, t, 8
     q, k, v = (rng.normal(size=shape) for shape in [(b, t, n, h), (b, kv, s, h), (b, kv, s, h)])
-    mask = np.asarray(causal_mask(jnp.arange(t), jnp.arange(s), jnp.asarray([0, 0])))  # causal, no empty rows
+    mask = np.asarray(slot_mask(b, t, s))  # causal, no empty rows
     args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
     out = attention(*args, jnp.asarray(mask) if masked else None, q_chunk=chunk)
     want = _naive(q, k, v, mask if masked else np.ones((b, t, s), bool))

@@ -1,0 +1,78 @@
+"""Our Pallas attention kernels and their dispatch (DESIGN §6).
+
+Three ops, one folder each, every folder laid out the same way:
+
+- ``reference.py`` re-exports the op's reference from :mod:`llama32_jax.attention` (the ``"xla"`` implementation;
+  never a second copy);
+- ``pallas_gpu.py``: the GPU kernel (Pallas, Triton lowering);
+- ``pallas_tpu.py``: the TPU kernel (Pallas, Mosaic TPU lowering: a grid over key blocks with VMEM accumulators);
+- ``__init__.py``: the op itself, which checks its arguments and dispatches on ``impl``.
+
+``impl`` is ``"auto"`` (Pallas on GPU and TPU, XLA on CPU), ``"xla"`` or ``"pallas"``. ``backend`` picks the
+kernel flavour (``"gpu"`` or ``"tpu"``; default: the platform's, and the GPU flavour on CPU), and ``interpret``
+runs the kernel in Pallas' interpreter (default: on CPU, where nothing else runs Pallas). Every op and flavour
+runs on CPU in interpret mode, which is how CI tests them.
+
+The ops:
+
+- :func:`flash_attention`: prefill/training attention (causal, GQA, per-sequence valid key ranges) with a
+  ``custom_vjp`` backward made of Pallas kernels;
+- :func:`decode_attention`: a few new queries against a long KV cache, split along the key axis;
+- :func:`cross_attention`: Mllama text queries over vision tokens with the per-image, per-tile mask.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from llama32_jax.errors import InvalidInputError
+
+IMPLS = ("auto", "xla", "pallas")
+BACKENDS = ("gpu", "tpu")
+
+
+def platform() -> str:
+    """The default JAX backend's platform: ``"cpu"``, ``"gpu"`` or ``"tpu"``."""
+    name = jax.default_backend()
+    return "gpu" if name in ("gpu", "cuda", "rocm") else name
+
+
+def resolve_impl(impl: str) -> str:
+    """``"auto"`` -> ``"pallas"`` on GPU/TPU, ``"xla"`` elsewhere; ``"xla"`` / ``"pallas"`` unchanged."""
+    if impl not in IMPLS:
+        raise InvalidInputError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if platform() in BACKENDS else "xla"
+    return impl
+
+
+def resolve_backend(backend: str | None) -> str:
+    """The kernel flavour: ``backend`` if given, else the platform's (the GPU flavour on CPU)."""
+    if backend is None:
+        return "tpu" if platform() == "tpu" else "gpu"
+    if backend not in BACKENDS:
+        raise InvalidInputError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+def resolve_interpret(interpret: bool | None, backend: str) -> bool:
+    """Interpret mode: as asked, else whenever the platform cannot lower ``backend``'s kernels (e.g. on CPU)."""
+    if interpret is None:
+        return platform() != backend
+    return bool(interpret)
+
+
+def __getattr__(name: str):  # the ops import lazily: importing llama32_jax.kernels stays cheap
+    if name == "flash_attention":
+        from llama32_jax.kernels.flash_attention import flash_attention
+
+        return flash_attention
+    if name == "decode_attention":
+        from llama32_jax.kernels.decode_attention import decode_attention
+
+        return decode_attention
+    if name == "cross_attention":
+        from llama32_jax.kernels.cross_attention import cross_attention
+
+        return cross_attention
+    raise AttributeError(name)
