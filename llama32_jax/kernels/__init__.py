@@ -13,12 +13,14 @@ kernel flavour (``"gpu"`` or ``"tpu"``; default: the platform's, and the GPU fla
 runs the kernel in Pallas' interpreter (default: on CPU, where nothing else runs Pallas). Every op and flavour
 runs on CPU in interpret mode, which is how CI tests them.
 
-The ops:
+The ops (each imported from its folder, e.g. ``from llama32_jax.kernels.flash_attention import flash_attention``):
 
-- :func:`flash_attention`: prefill/training attention (causal, GQA, per-sequence valid key ranges) with a
+- ``flash_attention``: prefill/training attention (causal, GQA, per-sequence valid key ranges) with a
   ``custom_vjp`` backward made of Pallas kernels;
-- :func:`decode_attention`: a few new queries against a long KV cache, split along the key axis;
-- :func:`cross_attention`: Mllama text queries over vision tokens with the per-image, per-tile mask.
+- ``decode_attention``: a few new queries against a long KV cache, split along the key axis;
+- ``cross_attention``: Mllama text queries over vision tokens with the per-image, per-tile mask.
+
+The model reaches them through :mod:`llama32_jax.kernels.attend`.
 """
 
 from __future__ import annotations
@@ -60,19 +62,3 @@ def resolve_interpret(interpret: bool | None, backend: str) -> bool:
     if interpret is None:
         return platform() != backend
     return bool(interpret)
-
-
-def __getattr__(name: str):  # the ops import lazily: importing llama32_jax.kernels stays cheap
-    if name == "flash_attention":
-        from llama32_jax.kernels.flash_attention import flash_attention
-
-        return flash_attention
-    if name == "decode_attention":
-        from llama32_jax.kernels.decode_attention import decode_attention
-
-        return decode_attention
-    if name == "cross_attention":
-        from llama32_jax.kernels.cross_attention import cross_attention
-
-        return cross_attention
-    raise AttributeError(name)
