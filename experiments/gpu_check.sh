@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One prepared run on a lent GPU machine (device tool): versions, the test suite on the GPU backend, and the
-# generation benchmark (1B and 3B shapes, bf16, random weights) against HF transformers on the same GPU.
+# One prepared run on a lent GPU machine (device tool): versions, the test suite on the GPU backend (tests/kernels
+# included: our Pallas kernels lowered for real), the generation benchmark (1B and 3B shapes, bf16, random weights)
+# against HF transformers on the same GPU, and the attention-kernel sweep (ours vs cuDNN vs XLA, time-bounded).
 #
 #   device run:  bash experiments/gpu_check.sh          (carry: .whl; results land in $OUT)
-#   dry run here: PYTHON=.venv/bin/python SKIP_WHEELS=1 OUT=/tmp/gpu_out MODELS=tiny-text bash experiments/gpu_check.sh
+#   dry run here: PYTHON=.venv/bin/python SKIP_WHEELS=1 OUT=/tmp/gpu_out MODELS=tiny-text KERNELS_ARGS=--smoke \
+#                 bash experiments/gpu_check.sh
 #
 # The GPU image has JAX/flax/orbax/torch/transformers but no package registry: the missing test extras travel as
 # wheels in .whl (llama-models and its pure-Python needs, fairscale, gguf). The SmolLM2 GGUF fixture (94 MB) and the
@@ -19,6 +21,9 @@ PY=${PYTHON:-python3}
 OUT=${OUT:?set OUT to a results folder}
 MODELS=${MODELS:-"Llama-3.2-1B Llama-3.2-3B"}
 BATCH=${BATCH:-1,64}
+# bench_kernels shapes: the targets first (flash d=128 at 8K; cross at batch 8 x 4 images), so the budget covers them
+KERNELS_ARGS=${KERNELS_ARGS:-"--head_dims=128,64 --seq_lens=8192,2048,32768 --bwd_seq_lens=8192 --decode_batches=1,64
+  --decode_lens=32768,131072 --cross_batches=8,1 --cross_images=4 --cross_text=2048,128,1 --repeats=5"}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3 TOKENIZERS_PARALLELISM=false
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX and PyTorch share the GPU in one process
@@ -54,4 +59,10 @@ for m in $MODELS; do
     --out="$OUT/bench_generate_${m}_bfloat16_gpu.json" 2>&1 | tee "$OUT/bench_generate_$m.log" | grep -v "^W0\|^I0"
   echo "bench exit ${PIPESTATUS[0]}"
 done
+
+step "bench_kernels (attention: ours vs cuDNN vs XLA)"
+# --max_seconds stops starting new shapes; the JSON is rewritten after each section, so the outer timeout keeps them
+timeout "${KERNELS_TIMEOUT:-180}" $PY -m experiments.bench_kernels --max_seconds="${KERNELS_SECONDS:-150}" \
+  $KERNELS_ARGS --out="$OUT/bench_kernels_gpu.json" 2>&1 | tee "$OUT/bench_kernels.log" | grep -v "^W0\|^I0"
+echo "bench_kernels exit ${PIPESTATUS[0]}"
 step done
