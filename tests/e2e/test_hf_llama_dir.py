@@ -86,3 +86,23 @@ def test_chat_and_greedy_generation_match_references(hf_dir):
     logits = model.logits([text_ids])
     with torch.no_grad():
         np.testing.assert_allclose(logits, ref(torch.tensor([text_ids])).logits.numpy(), atol=1e-4, rtol=0)
+
+
+def test_pallas_kernels_generate_what_transformers_generates(hf_dir):
+    """``lj.load(..., attention_impl="pallas")``: our kernels (interpreted here) end to end against HF, batched
+    with left padding (flash attention for the prompts, split-K decode attention for each step)."""
+    root, ref = hf_dir
+    model = lj.load(root, dtype="float32", attention_impl="pallas")
+    prompts = [model.tokenizer.encode(p, bos=True) for p in ("The capital of France is", "One, two, three, four")]
+    got = model.generate(prompts, max_new_tokens=8, temperature=0.0, return_details=True)
+    for prompt, completion in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            out = ref.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=8,
+                do_sample=False,
+                eos_token_id=STOPS,
+                pad_token_id=128004,
+            )
+        assert completion.tokens == out[0, len(prompt) :].tolist()
