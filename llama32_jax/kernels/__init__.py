@@ -57,8 +57,11 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
-def resolve_interpret(interpret: bool | None, backend: str) -> bool:
-    """Interpret mode: as asked, else whenever the platform cannot lower ``backend``'s kernels (e.g. on CPU)."""
+def resolve_interpret(interpret, backend: str):
+    """Interpret mode: as asked, else whenever the platform cannot lower ``backend``'s kernels (e.g. on CPU).
+
+    ``interpret`` may also be a ``pltpu.InterpretParams()``: Pallas' TPU interpreter, which simulates the TPU's
+    memory spaces, DMAs and semaphores (and detects races) at 50-100x the cost of ``interpret=True``."""
     if interpret is None:
         return platform() != backend
-    return bool(interpret)
+    return interpret if not isinstance(interpret, (bool, int)) else bool(interpret)
