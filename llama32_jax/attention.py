@@ -90,6 +90,7 @@ def self_attention(
     kv_end: jax.Array | None = None,
     causal: bool = True,
     scale: float | None = None,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """The reference of the ``flash_attention`` and ``decode_attention`` kernels.
 
@@ -100,12 +101,18 @@ def self_attention(
       kv_start, kv_end: ``[B]`` int, the valid key slots of each sequence are ``kv_start[b] <= s < kv_end[b]``
         (left padding before ``kv_start``, right padding or unwritten slots from ``kv_end``); default ``0`` / ``S``.
       causal: also hide keys after the query's own slot (``s > q_offset + t``).
+      segment_ids: ``[B, T]`` int, packed sequences (``S == T``, no cache): a query sees only keys of its own
+        segment (the kernels do not take it; packed training runs on this implementation).
 
     Returns ``[B, T, N, H]`` in ``q.dtype``; a query that sees no key gets zeros.
     """
     b, t = q.shape[:2]
     s = k.shape[2]
     mask = slot_mask(b, t, s, q_offset=q_offset, kv_start=kv_start, kv_end=kv_end, causal=causal)
+    if segment_ids is not None:
+        if s != t:
+            raise ValueError(f"segment_ids need keys of the queries' own length, got T={t}, S={s}")
+        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
     return attention(q, k, v, mask, scale=scale)
 
 

@@ -36,10 +36,11 @@ KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 MLP = "mlp"
 GATE = "gate"  # the one-element tanh gates of the vision models (never sharded)
+LORA_RANK = "lora_rank"  # the rank axis of LoRA adapters (llama32_jax.lora; small, never sharded)
 
 # Activation / cache axes.
 BATCH = "batch"
 SEQ = "seq"
 CACHE_SEQ = "cache_seq"
 
-PARAM_AXES = (LAYERS, VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP, GATE)
+PARAM_AXES = (LAYERS, VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP, GATE, LORA_RANK)

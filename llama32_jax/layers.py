@@ -102,9 +102,11 @@ class Einsum(nnx.Module):
     ):
         self.spec = spec
         self.kernel = make_param(rngs, shape, axes, dtype, stack=stack)
+        self.lora = nnx.data(None)  # an optional low-rank adapter (llama32_jax.lora)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum(self.spec, x, self.kernel[...])
+        y = jnp.einsum(self.spec, x, self.kernel[...])
+        return y if self.lora is None else y + self.lora(x).astype(y.dtype)
 
 
 class HeadsProjection(nnx.Module):
@@ -116,10 +118,13 @@ class HeadsProjection(nnx.Module):
 
     def __init__(self, shape: Sequence[int], axes: Sequence[str], *, dtype=jnp.float32, stack=None, rngs: nnx.Rngs):
         self.kernel = make_param(rngs, shape, axes, dtype, stack=stack)
+        self.lora = nnx.data(None)  # an optional low-rank adapter (llama32_jax.lora)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         heads, h, d = self.kernel.shape[-3:]
         y = jnp.einsum("btd,ed->bte", x, self.kernel[...].reshape(heads * h, d))
+        if self.lora is not None:
+            y = y + self.lora(x).astype(y.dtype)
         return y.reshape(*x.shape[:-1], heads, h)  # [B, T, heads, H]
 
 
@@ -128,8 +133,10 @@ class MergeHeadsProjection(nnx.Module):
 
     def __init__(self, shape: Sequence[int], axes: Sequence[str], *, dtype=jnp.float32, stack=None, rngs: nnx.Rngs):
         self.kernel = make_param(rngs, shape, axes, dtype, stack=stack)
+        self.lora = nnx.data(None)  # an optional low-rank adapter (llama32_jax.lora)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         d, heads, h = self.kernel.shape[-3:]
         flat = x.reshape(*x.shape[:-2], heads * h)  # [B, T, heads*H]
-        return jnp.einsum("bte,de->btd", flat, self.kernel[...].reshape(d, heads * h))
+        y = jnp.einsum("bte,de->btd", flat, self.kernel[...].reshape(d, heads * h))
+        return y if self.lora is None else y + self.lora(flat).astype(y.dtype)

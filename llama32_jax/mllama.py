@@ -37,7 +37,7 @@ from llama32_jax.cross_attention import CrossAttentionBlock, VisionKV
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.layers import Embed, RMSNorm, make_param
 from llama32_jax.sharding import constrain_activation, constrain_cache, constrain_cross
-from llama32_jax.text import DecoderBlock, run_unrolled, token_positions
+from llama32_jax.text import DecoderBlock, call_block, run_unrolled, token_positions
 
 
 @jax.tree_util.register_dataclass
@@ -75,6 +75,7 @@ class MllamaText(nnx.Module):
         self.norm = RMSNorm(t.dim, t.norm_eps, dtype=param_dtype, rngs=rngs)
         self.lm_head = make_param(rngs, (t.vocab_size, t.dim), (dims.VOCAB, dims.EMBED), param_dtype)
         self.placement = None  # set by llama32_jax.sharding.shard_model
+        self.remat = "none"  # activation checkpointing per block in training (text.REMAT_POLICIES)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """Ids below ``vocab_size`` use the text table, the rest ``learnable_embedding[id - vocab_size]``."""
@@ -131,9 +132,10 @@ class MllamaText(nnx.Module):
                 return h
             kv, tiles, row_mask = cross_args
             j = schedule.index(i)
-            return constrain_activation(self.placement, self.cross_layers[j](h, kv[j], tiles, row_mask))
+            h = call_block(self.cross_layers[j], self.remat, h, kv[j], tiles, row_mask)
+            return constrain_activation(self.placement, h)
 
-        return run_unrolled(self.layers, h, cos, sin, span, cache, index, self.placement, cross_block)
+        return run_unrolled(self.layers, h, cos, sin, span, cache, index, self.placement, cross_block, remat=self.remat)
 
     def _run_groups(self, h, cos, sin, span, cache, index, cross_args):
         """``lax.scan`` over the ``C`` groups ``[self x (k-1), cross, self]`` (stacked parameters; the stacked
@@ -151,12 +153,14 @@ class MllamaText(nnx.Module):
             for i in range(k):
                 if i == k - 1 and x["cross"] is not None:
                     block_state, vision_kv = x["cross"]
-                    h = nnx.merge(cross_def, block_state)(h, vision_kv, cross_args[1], cross_args[2])
+                    cross_block = nnx.merge(cross_def, block_state)
+                    h = call_block(cross_block, self.remat, h, vision_kv, cross_args[1], cross_args[2])
                     h = constrain_activation(self.placement, h)
                 layer = x["group"] * k + i
                 pick = lambda a, layer=layer: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
                 block = nnx.merge(self_def, jax.tree.map(pick, self_state))
-                h, new_kv = block(h, cos, sin, span, None if k_all is None else (k_all, v_all, layer), index)
+                kv = None if k_all is None else (k_all, v_all, layer)
+                h, new_kv = call_block(block, self.remat, h, cos, sin, span, kv, index)
                 h = constrain_activation(self.placement, h)
                 if k_all is not None:
                     k_all, v_all = new_kv

@@ -34,6 +34,29 @@ class SlotSpan(NamedTuple):
     q_offset: jax.Array  # [] int32
     kv_start: jax.Array  # [B] int32
     kv_end: jax.Array  # [B] int32
+    segments: jax.Array | None = None  # [B, T] int32: packed sequences (no cache); keys of other segments hidden
+
+
+# Activation checkpointing of each decoder / cross-attention block in training (``model.remat``).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep the weight matmuls' outputs
+}
+
+
+def call_block(block: nnx.Module, remat: str, *args):
+    """``block(*args)``, rematerialised in the backward pass by ``remat`` (:data:`REMAT_POLICIES`)."""
+    if remat == "none":
+        return block(*args)
+    if remat not in REMAT_POLICIES:
+        raise InvalidInputError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
+    graphdef, state = nnx.split(block)  # blocks change no state when called: nothing to write back
+
+    def pure(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    return jax.checkpoint(pure, policy=REMAT_POLICIES[remat])(state, *args)
 
 
 class SelfAttention(nnx.Module):
@@ -82,6 +105,7 @@ class SelfAttention(nnx.Module):
             q_offset=span.q_offset,
             kv_start=span.kv_start,
             kv_end=span.kv_end,
+            segment_ids=span.segments,
             impl=self.attention_impl,
             placement=self.placement,
             cached=kv is not None,
@@ -139,17 +163,26 @@ class Transformer(nnx.Module):
             self.lm_head = make_param(rngs, (t.vocab_size, t.dim), (dims.VOCAB, dims.EMBED), param_dtype)
         # Set by llama32_jax.sharding.shard_model: the plan + mesh that activations and caches are constrained to.
         self.placement = None
+        self.remat = "none"  # activation checkpointing per block in training (REMAT_POLICIES)
 
     def __call__(
-        self, tokens: jax.Array, cache: KVCache | None = None, *, last_only: bool = False
+        self,
+        tokens: jax.Array,
+        cache: KVCache | None = None,
+        *,
+        last_only: bool = False,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Args: ``tokens [B, T]`` int. Returns ``(logits [B, T, V] fp32, new cache or None)``.
 
         ``last_only=True`` computes the head for the last position only (``[B, 1, V]``): generation needs no more,
-        and with left padding the last slot holds every sequence's last prompt token.
+        and with left padding the last slot holds every sequence's last prompt token. Packed training rows (no
+        cache) pass ``positions [B, T]`` (RoPE positions, restarting in each packed sequence) and ``segment_ids [B,
+        T]`` (tokens attend only within their segment; :mod:`llama32_jax.data`).
         """
         t = self.config.text
-        index, _, cos, sin, span = token_positions(self.config, tokens, cache)
+        index, _, cos, sin, span = token_positions(self.config, tokens, cache, positions, segment_ids)
 
         h = constrain_activation(self.placement, self.embed(tokens))  # [B, T, D]
         h, new_k, new_v = self._run_layers(h, cos, sin, span, cache, index)
@@ -170,7 +203,7 @@ class Transformer(nnx.Module):
             graphdef, state = nnx.split(self.layers)
 
             def block(h, layer_state, kv):
-                h, new_kv = nnx.merge(graphdef, layer_state)(h, cos, sin, span, kv, index)
+                h, new_kv = call_block(nnx.merge(graphdef, layer_state), self.remat, h, cos, sin, span, kv, index)
                 return constrain_activation(self.placement, h), new_kv
 
             if cache is None:
@@ -178,10 +211,12 @@ class Transformer(nnx.Module):
                 return h, None, None
             h, k, v = scan_with_cache(block, h, state, cache.k, cache.v)
             return h, k, v
-        return run_unrolled(self.layers, h, cos, sin, span, cache, index, self.placement)
+        return run_unrolled(self.layers, h, cos, sin, span, cache, index, self.placement, remat=self.remat)
 
 
-def run_unrolled(layers, h, cos, sin, span, cache: KVCache | None, index, placement, before_layer=None):
+def run_unrolled(
+    layers, h, cos, sin, span, cache: KVCache | None, index, placement, before_layer=None, remat: str = "none"
+):
     """The unrolled layout: a Python loop over per-layer blocks and cache buffers; returns ``(h, new k, new v)``.
 
     ``before_layer(i, h) -> h`` runs ahead of layer ``i`` (the vision decoder's cross-attention blocks)."""
@@ -190,7 +225,7 @@ def run_unrolled(layers, h, cos, sin, span, cache: KVCache | None, index, placem
         if before_layer is not None:
             h = before_layer(i, h)
         kv = None if cache is None else (cache.k[i], cache.v[i])
-        h, layer_kv = block(h, cos, sin, span, kv, index)
+        h, layer_kv = call_block(block, remat, h, cos, sin, span, kv, index)
         h = constrain_activation(placement, h)
         if layer_kv is not None:
             new_k.append(layer_kv[0])
@@ -218,11 +253,18 @@ def scan_with_cache(block, h, stacked_state, cache_k, cache_v):
     return h, k, v
 
 
-def token_positions(config: ModelConfig, tokens: jax.Array, cache: KVCache | None):
+def token_positions(
+    config: ModelConfig,
+    tokens: jax.Array,
+    cache: KVCache | None,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+):
     """Where ``tokens [B, T]`` go: ``(index, positions [B, T], cos, sin, SlotSpan)``.
 
-    Without a cache the tokens are a whole (unpadded) sequence; with one they are written at ``cache.index`` and
-    each sequence's positions count from its first valid slot ``cache.start`` (left padding).
+    Without a cache the tokens are a whole (unpadded) sequence, or packed sequences when ``positions`` /
+    ``segment_ids`` are given; with a cache they are written at ``cache.index`` and each sequence's positions
+    count from its first valid slot ``cache.start`` (left padding).
     """
     t = config.text
     if tokens.ndim != 2:
@@ -234,12 +276,21 @@ def token_positions(config: ModelConfig, tokens: jax.Array, cache: KVCache | Non
     else:
         check_cache(cache, config, b, length)
         start, index = cache.start, cache.index
+    if cache is not None and (positions is not None or segment_ids is not None):
+        raise InvalidInputError("positions / segment_ids are for packed training rows, which use no cache")
+    for name, x in (("positions", positions), ("segment_ids", segment_ids)):
+        if x is not None and (x.shape != (b, length) or not jnp.issubdtype(x.dtype, jnp.integer)):
+            raise InvalidInputError(
+                f"{name} must be an integer array of the tokens' shape {(b, length)}, got {x.shape}"
+            )
     q_slots = index + jnp.arange(length, dtype=jnp.int32)  # [T]
-    positions = q_slots[None, :] - start[:, None]  # [B, T]
+    if positions is None:
+        positions = q_slots[None, :] - start[:, None]  # [B, T]
     cos, sin = rope_angles(positions, inv_frequencies(t.head_dim, t.rope_theta, t.rope_scaling))
     # Keys past this call's last token are not written yet (causality hides them too; the bound lets kernels stop).
     end = jnp.broadcast_to(index + length, (b,)).astype(jnp.int32)
-    return index, positions, cos, sin, SlotSpan(index, start, end)
+    segments = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
+    return index, positions, cos, sin, SlotSpan(index, start, end, segments)
 
 
 def check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int) -> None:

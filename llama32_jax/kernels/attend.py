@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec
 
 from llama32_jax import attention as xla
 from llama32_jax import dims
+from llama32_jax.errors import InvalidInputError
 from llama32_jax.kernels import resolve_impl
 
 # Up to this many new tokens per call, self-attention against a cache uses the split-K decode kernel; longer calls
@@ -44,15 +45,25 @@ def self_attend(
     impl: str = "xla",
     placement=None,
     cached: bool = False,
+    segment_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Causal GQA self-attention of ``q [B, T, N, H]`` over ``k, v [B, K, S, H]`` (see
     :func:`llama32_jax.attention.self_attention` for the argument semantics).
 
     ``cached``: ``k``/``v`` are a KV cache being decoded into; with at most :data:`DECODE_MAX_TOKENS` queries the
     Pallas implementation then uses ``decode_attention`` (split along the cache), otherwise ``flash_attention``.
+    ``segment_ids [B, T]`` (packed training rows) are honoured by the XLA implementation only: with ``"auto"``
+    they select it; with ``"pallas"`` they are refused.
     """
+    if segment_ids is not None:
+        if impl == "pallas":
+            raise InvalidInputError(
+                "packed sequences (segment_ids) are not supported by the Pallas kernels; use attention_impl='xla' "
+                "or 'auto', or unpacked batches"
+            )
+        impl = "xla"
     if resolve_impl(impl) == "xla":
-        return xla.self_attention(q, k, v, q_offset=q_offset, kv_start=kv_start, kv_end=kv_end)
+        return xla.self_attention(q, k, v, q_offset=q_offset, kv_start=kv_start, kv_end=kv_end, segment_ids=segment_ids)
     if cached and q.shape[1] <= DECODE_MAX_TOKENS:
         from llama32_jax.kernels.decode_attention import decode_attention as op
     else:

@@ -1,0 +1,261 @@
+"""Fine-tuning: the causal-LM loss with prompt masking, AdamW with warmup + cosine decay, gradient accumulation,
+activation checkpointing, LoRA or full fine-tuning, on one device or sharded under a plan.
+
+Functional core (what scripts and the scaling study compile)::
+
+    cfg = TrainConfig(mode="lora", learning_rate=2e-4, total_steps=200, accum_steps=2, remat="full")
+    graphdef, trainable, frozen = split_for_training(model, cfg)   # adds LoRA adapters / sets remat first
+    tx = make_optimizer(cfg)
+    opt_state = tx.init(trainable)
+    step = jax.jit(make_train_step(graphdef, tx, cfg), donate_argnums=(0, 2))
+    trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch)
+
+and :class:`Trainer`, which holds that state for a loop. A batch is a dict of ``[B, T]`` arrays (as
+:mod:`llama32_jax.data` yields them): ``inputs`` (int), ``targets`` (int, the next token), ``loss_mask`` (float:
+1 where the target is trained, 0 on prompts and padding), and optionally ``positions`` / ``segment_ids`` (packed
+rows) and, for the vision models, ``pixel_values`` / ``aspect_ratio_ids`` / ``tile_mask``.
+
+The loss is the mean negative log-likelihood over the trained target tokens of the whole (global) batch. With
+``accum_steps = k`` the batch is cut into ``k`` micro-batches along its first axis; their loss sums, token counts
+and gradients are added before one division, so the step equals the un-accumulated step on the same batch
+(up to float summation order).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from llama32_jax.errors import InvalidInputError
+from llama32_jax.lora import TARGETS, add_lora, has_lora
+from llama32_jax.text import REMAT_POLICIES
+
+MODES = ("lora", "full")
+VISION_KEYS = ("pixel_values", "aspect_ratio_ids", "tile_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What to train and how. ``mode="lora"`` trains only adapters on ``lora_targets`` (everything else frozen);
+    ``"full"`` trains every parameter."""
+
+    mode: str = "lora"
+    learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    total_steps: int = 1000
+    end_lr_ratio: float = 0.1  # the cosine decays to learning_rate * end_lr_ratio at total_steps
+    weight_decay: float = 0.0  # decoupled (AdamW), on matrices only (not norms, gates or biases)
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    accum_steps: int = 1
+    remat: str = "none"  # text.REMAT_POLICIES: "none", "full", "dots"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("attention", "mlp")
+    seed: int = 0  # LoRA initialisation
+
+    def __post_init__(self):
+        def bad(field, why):
+            raise InvalidInputError(f"TrainConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if self.mode not in MODES:
+            bad("mode", f"expected one of {MODES}")
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be > 0")
+        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+            bad("warmup_steps", f"need 0 <= warmup_steps <= total_steps (total_steps={self.total_steps} >= 1)")
+        if not 0 <= self.end_lr_ratio <= 1:
+            bad("end_lr_ratio", "must be in [0, 1]")
+        if self.accum_steps < 1:
+            bad("accum_steps", "must be >= 1")
+        if self.remat not in REMAT_POLICIES:
+            bad("remat", f"expected one of {sorted(REMAT_POLICIES)}")
+        if self.grad_clip < 0 or self.weight_decay < 0:
+            bad("grad_clip" if self.grad_clip < 0 else "weight_decay", "must be >= 0")
+        if self.mode == "lora" and (not self.lora_targets or set(self.lora_targets) - set(TARGETS)):
+            bad("lora_targets", f"must be a non-empty subset of {TARGETS}")
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to ``learning_rate`` over ``warmup_steps``, then cosine decay to
+    ``learning_rate * end_lr_ratio`` at ``total_steps``."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.total_steps,
+        end_value=cfg.learning_rate * cfg.end_lr_ratio,
+    )
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Global-norm clipping (``grad_clip``) then AdamW on :func:`learning_rate_schedule`."""
+    adamw = optax.adamw(
+        learning_rate_schedule(cfg),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
+    )
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+
+
+def trainable_filter(cfg: TrainConfig):
+    """The NNX filter of what ``cfg`` trains: LoRA adapters, or every parameter."""
+    return nnx.LoRAParam if cfg.mode == "lora" else nnx.Param
+
+
+def split_for_training(model: nnx.Module, cfg: TrainConfig) -> tuple[Any, nnx.State, nnx.State]:
+    """Prepare ``model`` in place (LoRA adapters on ``cfg.lora_targets`` unless it has some, placed by the model's
+    sharding plan if it has one; ``cfg.remat``) and split it into ``(graphdef, trainable, frozen)``;
+    ``nnx.merge(graphdef, trainable, frozen)`` rebuilds it."""
+    if cfg.mode == "lora" and not has_lora(model):
+        add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, seed=cfg.seed)
+        placement = getattr(model, "placement", None)
+        if placement is not None:  # a sharded model: lay the new adapters out by its plan too
+            from llama32_jax.sharding import shard_model
+
+            shard_model(model, placement.plan, placement.mesh)
+    if cfg.mode == "full" and has_lora(model):
+        raise InvalidInputError("full fine-tuning of a model with LoRA adapters: merge_lora(model) first")
+    model.remat = cfg.remat
+    return nnx.split(model, trainable_filter(cfg), ...)
+
+
+def lm_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """``(sum of the trained targets' negative log-likelihood, number of trained targets)``, both fp32 scalars."""
+    kwargs = {}
+    if all(key in batch for key in VISION_KEYS):
+        kwargs["cross"] = model.cross_inputs(*(batch[key] for key in VISION_KEYS))
+    for key in ("positions", "segment_ids"):
+        if batch.get(key) is not None:
+            kwargs[key] = batch[key]
+    logits, _ = model(batch["inputs"], **kwargs)  # [B, T, V] fp32
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig):
+    """A pure ``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)`` (jit it; donating
+    ``trainable`` and ``opt_state`` updates them in place). ``metrics``: ``loss`` (mean over trained tokens),
+    ``tokens``, ``grad_norm`` (before clipping), ``learning_rate`` (of this step)."""
+    schedule = learning_rate_schedule(cfg)
+
+    def sums(trainable, frozen, micro):
+        return lm_loss(nnx.merge(graphdef, trainable, frozen), micro)
+
+    grad_fn = jax.value_and_grad(sums, has_aux=True)
+
+    def step(trainable, frozen, opt_state, batch):
+        if cfg.accum_steps == 1:
+            (loss_sum, count), grads = grad_fn(trainable, frozen, batch)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(cfg.accum_steps, -1, *x.shape[1:]), batch)
+
+            def body(carry, mb):
+                (s, n), g = grad_fn(trainable, frozen, mb)
+                acc_s, acc_n, acc_g = carry
+                acc_g = jax.tree.map(lambda a, x: a + x.astype(jnp.float32), acc_g, g)
+                return (acc_s + s, acc_n + n, acc_g), None
+
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)  # fp32 accumulators
+            init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+            (loss_sum, count, grads), _ = jax.lax.scan(body, init, micro)
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {
+            "loss": loss_sum / denom,
+            "tokens": count,
+            "grad_norm": _global_norm(grads),
+            "learning_rate": schedule(_count(opt_state)),
+        }
+        return trainable, opt_state, metrics
+
+    return step
+
+
+def _global_norm(tree) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def _count(opt_state) -> jax.Array:
+    """The optimizer's step counter after this update (the schedule's index of the step just taken, + 1)."""
+    counts = [x for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.integer) and x.ndim == 0]
+    return counts[0] - 1 if counts else jnp.zeros((), jnp.int32)
+
+
+def check_batch(batch: dict, cfg: TrainConfig) -> dict:
+    """Validate a batch (fields, shapes, divisibility by ``accum_steps``) and make its leaves arrays."""
+    missing = [k for k in ("inputs", "targets", "loss_mask") if k not in batch]
+    if missing:
+        raise InvalidInputError(f"a training batch needs inputs, targets and loss_mask; missing {missing}")
+    shape = np.shape(batch["inputs"])
+    if len(shape) != 2:
+        raise InvalidInputError(f"batch['inputs'] must be [batch, length], got shape {shape}")
+    for key in ("targets", "loss_mask", "positions", "segment_ids"):
+        if batch.get(key) is not None and np.shape(batch[key]) != shape:
+            raise InvalidInputError(f"batch[{key!r}] has shape {np.shape(batch[key])}, expected {shape}")
+    if shape[0] % cfg.accum_steps:
+        raise InvalidInputError(f"batch size {shape[0]} is not divisible by accum_steps={cfg.accum_steps}")
+    return {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+
+
+class Trainer:
+    """A training loop's state: ``Trainer(model, cfg).step(batch) -> metrics``.
+
+    The model is prepared and split by :func:`split_for_training` (a sharded model keeps its placement: the step
+    then runs under its plan, the batch split over the plan's batch axes). ``trainer.model`` is the current model
+    (adapters included; :func:`llama32_jax.lora.merge_lora` folds them in). ``state()`` / ``restore(state)`` give
+    the pytree a checkpoint holds (trainable parameters, optimizer state, step).
+    """
+
+    def __init__(self, model: nnx.Module, cfg: TrainConfig):
+        self.cfg = cfg
+        self.graphdef, self.trainable, self.frozen = split_for_training(model, cfg)
+        self.tx = make_optimizer(cfg)
+        self.opt_state = self.tx.init(self.trainable)
+        self.placement = getattr(model, "placement", None)
+        self.steps_done = 0
+        self._step = jax.jit(make_train_step(self.graphdef, self.tx, cfg), donate_argnums=(0, 2))
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.trainable, self.frozen)
+
+    def _place(self, batch: dict) -> dict:
+        if self.placement is None:
+            return batch
+        from llama32_jax import dims
+
+        def put(x):
+            axes = (dims.BATCH, *([None] * (x.ndim - 1)))
+            return jax.device_put(x, self.placement.sharding(axes, x.shape, "training batch"))
+
+        return {k: put(v) for k, v in batch.items()}
+
+    def step(self, batch: dict) -> dict[str, float]:
+        """One optimizer step on ``batch``; returns the metrics as Python floats."""
+        batch = self._place(check_batch(batch, self.cfg))
+        self.trainable, self.opt_state, metrics = self._step(self.trainable, self.frozen, self.opt_state, batch)
+        self.steps_done += 1
+        return {k: float(v) for k, v in metrics.items()}
+
+    def state(self) -> dict:
+        return {"trainable": self.trainable, "opt_state": self.opt_state, "step": self.steps_done}
+
+    def restore(self, state: dict) -> None:
+        self.trainable, self.opt_state = state["trainable"], state["opt_state"]
+        self.steps_done = int(state["step"])
