@@ -217,8 +217,10 @@ class Trainer:
     """A training loop's state: ``Trainer(model, cfg).step(batch) -> metrics``.
 
     The model is prepared and split by :func:`split_for_training` (a sharded model keeps its placement: the step
-    then runs under its plan, the batch split over the plan's batch axes). ``trainer.model`` is the current model
-    (adapters included; :func:`llama32_jax.lora.merge_lora` folds them in). ``state()`` / ``restore(state)`` give
+    then runs under its plan, the batch split over the plan's batch axes). The trainer takes the model over: its
+    trained arrays are donated to the first step, so the module passed in must not be used afterwards; use
+    ``trainer.model``, the current model (adapters included; :func:`llama32_jax.lora.merge_lora` folds them in).
+    ``state()`` / ``restore(state)`` give
     the pytree a checkpoint holds (trainable parameters, optimizer state, step).
     """
 
@@ -233,7 +235,10 @@ class Trainer:
 
     @property
     def model(self) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.trainable, self.frozen)
+        """The model with the current weights: a new module (changing it, e.g. ``merge_lora``, leaves the trainer
+        alone) that holds this step's arrays, which the next :meth:`step` consumes (they are donated): take it
+        after training, or again after each step."""
+        return nnx.merge(self.graphdef, self.trainable, self.frozen, copy=True)
 
     def _place(self, batch: dict) -> dict:
         if self.placement is None:
