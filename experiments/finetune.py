@@ -263,7 +263,8 @@ def _train(run, ckpt_dir: Path, workdir: Path, stop: _Stop) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from llama32_jax.checkpoint.train_state import TrainCheckpointer, config_to_json, export_model, load_base_model
+    from llama32_jax.checkpoint.train_models import export_model, load_base_model
+    from llama32_jax.checkpoint.train_state import TrainCheckpointer, config_to_json
     from llama32_jax.data import make_dataset
     from llama32_jax.train import Trainer
 

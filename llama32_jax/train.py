@@ -220,8 +220,8 @@ class Trainer:
     then runs under its plan, the batch split over the plan's batch axes). The trainer takes the model over: its
     trained arrays are donated to the first step, so the module passed in must not be used afterwards; use
     ``trainer.model``, the current model (adapters included; :func:`llama32_jax.lora.merge_lora` folds them in).
-    ``state()`` / ``restore(state)`` give
-    the pytree a checkpoint holds (trainable parameters, optimizer state, step).
+    ``state()`` / ``restore(state)`` give the pytree a checkpoint holds (trainable parameters, optimizer state,
+    step).
     """
 
     def __init__(self, model: nnx.Module, cfg: TrainConfig):

@@ -25,13 +25,13 @@ from flax import nnx
 
 import llama32_jax as lj
 from llama32_jax import configs, sharding
+from llama32_jax.checkpoint.train_models import write_tokenizer_files
 from llama32_jax.checkpoint.train_state import (
     RunSpec,
     TrainCheckpointer,
     read_run,
     read_state,
     resume,
-    write_tokenizer_files,
 )
 from llama32_jax.data import make_dataset
 from llama32_jax.errors import CheckpointError

@@ -1,0 +1,177 @@
+"""The base models and outputs of fine-tuning runs: the built-in ``tiny-text`` model (a random-weight
+``configs.TINY_TEXT`` with a byte-level tokenizer carrying the Llama 3 special tokens, for tests and trials),
+loading a run's base model by path or name, and exporting the trained model (LoRA merged) as an HF directory with
+the base model's tokenizer files (:mod:`llama32_jax.checkpoint.train_state` saves and resumes the run itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llama32_jax.errors import CheckpointError, InvalidInputError
+from llama32_jax.train import Trainer
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "BYTE_SPECIAL_TOKENS",
+    "byte_tokenizer",
+    "export_model",
+    "load_base_model",
+    "write_tokenizer_files",
+]
+
+# Built-in base models (no files needed): a tiny random-weight text model (configs.TINY_TEXT, seed 0) with a
+# byte-level tokenizer that has the Llama 3 special tokens (so the Llama 3 chat format applies). For tests and trials.
+BUILTIN_MODELS = ("tiny-text",)
+BYTE_SPECIAL_TOKENS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer: ids 0-255 are the bytes (GPT-2's printable byte alphabet, sorted), then
+    :data:`BYTE_SPECIAL_TOKENS` (256-262); no merges, so every byte of text is one token. With the Llama 3 special
+    tokens, :func:`llama32_jax.chat_format.chat_format_for` gives it Meta's chat format. BOS is
+    ``<|begin_of_text|>`` (added to plain prompts), the stop ids are ``<|end_of_text|>``, ``<|eom_id|>``,
+    ``<|eot_id|>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from llama32_jax.tokenizer import HFTokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(BYTE_SPECIAL_TOKENS))
+    ids = {t: backend.token_to_id(t) for t in BYTE_SPECIAL_TOKENS}
+    return HFTokenizer(
+        backend,
+        bos_id=ids["<|begin_of_text|>"],
+        eos_id=ids["<|end_of_text|>"],
+        stop_ids=[ids["<|end_of_text|>"], ids["<|eom_id|>"], ids["<|eot_id|>"]],
+        add_bos=True,
+        name="byte-level tokenizer",
+    )
+
+
+def load_base_model(spec: str, *, dtype: str = "float32", mesh: Any = None, scan_layers: bool = False):
+    """The base model of a run as an ``llama32_jax.Model``: :func:`llama32_jax.load` of a path, or a built-in
+    (:data:`BUILTIN_MODELS`; ``"tiny-text"``: ``configs.TINY_TEXT`` with random weights, seed 0, and
+    :func:`byte_tokenizer`). ``mesh``: a sharding plan or mesh, as for ``load``."""
+    from llama32_jax.api import DTYPES, Model, load
+
+    if spec not in BUILTIN_MODELS:
+        return load(spec, mesh=mesh, dtype=dtype, scan_layers=scan_layers)
+    from llama32_jax import configs, sharding
+    from llama32_jax.model import init_model
+
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    module = init_model(configs.TINY_TEXT.replace(scan_layers=scan_layers), param_dtype=DTYPES[dtype], seed=0)
+    if mesh is not None:
+        plan, placed_mesh = sharding.resolve(mesh)
+        sharding.shard_model(module, plan, placed_mesh)
+    return Model(module, byte_tokenizer(), source=spec)
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+def write_tokenizer_files(model: Any, directory: str | os.PathLike) -> list[str]:
+    """Write ``model``'s tokenizer (an ``llama32_jax.Model``) into an HF directory; returns the file names.
+
+    Copied from the model's source directory when it has tokenizer files (HF, Meta or converted checkpoints), else
+    written from the loaded tokenizer: an HF-style one (GGUF, built-in models) as ``tokenizer.json`` +
+    ``tokenizer_config.json`` (BOS/EOS/pad, ``add_bos_token``, chat template) + ``generation_config.json`` (stop
+    ids); Meta's Llama 3 tokenizer as the ``tokenizer.model`` of the llama-models package. ``llama32_jax.load`` of
+    the directory then reads the same tokenizer back.
+    """
+
+    from llama32_jax.checkpoint.pipeline import HF_TOKENIZER_FILES
+    from llama32_jax.tokenizer import HFTokenizer, LlamaTokenizer, default_llama3_tokenizer_path
+
+    directory = Path(directory)
+    source = Path(model.source) if model.source and os.path.isdir(model.source) else None
+    names = [n for n in HF_TOKENIZER_FILES if source is not None and (source / n).is_file()]
+    if names:
+        for name in names:
+            shutil.copy2(source / name, directory / name)
+        return names
+    tok = model.tokenizer
+    if isinstance(tok, LlamaTokenizer):
+        shutil.copy2(default_llama3_tokenizer_path(), directory / "tokenizer.model")
+        return ["tokenizer.model"]
+    if isinstance(tok, HFTokenizer):
+        tok.backend.save(str(directory / "tokenizer.json"))
+
+        def piece(i):
+            return None if i is None else tok.id_to_piece(i)
+
+        config = {
+            "bos_token": piece(tok.bos_id),
+            "eos_token": piece(tok.eos_id),
+            "pad_token": piece(tok.pad_id),
+            "add_bos_token": tok.add_bos,
+            "chat_template": tok.chat_template,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids)}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    raise CheckpointError(f"cannot write tokenizer files for a {type(tok).__name__}")
+
+
+def export_model(
+    trainer: Trainer,
+    model: Any,
+    output: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    record: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write the trained model as a Hugging Face directory, LoRA adapters merged into the weights.
+
+    ``model`` is the base ``llama32_jax.Model`` (for its tokenizer: :func:`write_tokenizer_files`). The directory
+    holds ``config.json``, ``model.safetensors`` (``dtype``), the tokenizer files and ``finetune.json`` (``record``
+    plus whether LoRA was merged). It is built under a temporary sibling and renamed into place when complete; an
+    existing ``output`` is refused. The trainer is left as it was (the merge works on a copy of its variables).
+    ``llama32_jax.load(output)`` reads the result; ``python -m llama32_jax.convert`` converts it to Orbax.
+    """
+
+    from flax import nnx
+
+    from llama32_jax.api import Model
+    from llama32_jax.checkpoint.hf_export import export_hf
+    from llama32_jax.lora import has_lora, merge_lora
+
+    out = Path(output).absolute()
+    if out.exists():
+        raise CheckpointError(f"output {str(out)!r} exists; choose a new directory")
+    # copy=True: nnx.merge would otherwise share Variables with the trainer, and merging would change its state.
+    module = nnx.merge(trainer.graphdef, trainer.trainable, trainer.frozen, copy=True)
+    merged = has_lora(module)
+    if merged:
+        merge_lora(module)
+    tmp = out.parent / f".{out.name}.exporting-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        export_hf(Model(module, model.tokenizer), tmp, dtype=dtype)
+        files = write_tokenizer_files(model, tmp)
+        info = {**(record or {}), "lora_merged": merged, "dtype": dtype, "tokenizer_files": files}
+        (tmp / "finetune.json").write_text(json.dumps(info, indent=2) + "\n")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
