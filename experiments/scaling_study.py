@@ -1,0 +1,836 @@
+"""Scaling study: model x sharding plan x batch x sequence length, for prefill, a decode step and a training step.
+
+    # this CPU, simulated devices: compile time, XLA's memory and cost analysis per device (nothing allocated)
+    .venv/bin/python -m experiments.scaling_study --models=Llama-3.2-1B,Llama-3.2-3B \\
+        --plans=single,fsdp,tp,fsdp_tp,h100x8 --batches=1,8 --seq_lens=1024,4096 --phases=prefill,decode,train
+    # a GPU / TPU host: the same rows, each step also run and timed (tokens/s, MFU, decode HBM bandwidth)
+    python -m experiments.scaling_study --models=Llama-3.2-1B,Llama-3.2-3B --plans=single --batches=1,8,64 \\
+        --seq_lens=2048,8192 --out_dir=$OUT/scaling
+    .venv/bin/python -m experiments.scaling_study --models=tiny-text --plans=single,fsdp --measure=true  # CPU timing
+    .venv/bin/python -m experiments.scaling_study --plot_only      # re-draw the plots from the CSV
+
+Each row compiles one step ahead of time, ``jax.jit(step).lower(ShapeDtypeStruct(..., sharding=NamedSharding))``,
+on the plan's mesh (on a CPU host ``plan.size`` simulated devices, configured here before JAX starts from the
+largest plan asked for), with the parameters, caches and batch placed by the plan (``llama32_jax.sharding``):
+
+- ``prefill``: ``model(tokens [B, T], cache, last_only=True)`` into an empty KV cache of ``T + --decode_slots``
+  slots (generation's prefill: the head for the last row only); vision models also get ``--vision_images``
+  4-tile images' cross-attention K/V (computed once per image, outside the step) and the tile mask;
+- ``decode``: one step ``model(tokens [B, 1], cache, last_only=True)`` with a cache of ``T`` = seq_len slots, the
+  new token in the last one (so it attends to all ``T``); the cache is donated, as in generation;
+- ``train``: one optimiser step of ``llama32_jax.train`` (``make_train_step``; ``--train_mode``, ``--remat``) on
+  ``{"inputs", "targets", "loss_mask"} [B, T]`` (vision models: text only, images 0); trainable parameters and
+  optimiser state donated; the optimiser state sharded like the parameters it belongs to.
+
+Per row and per device: XLA's ``memory_analysis()`` (arguments, outputs, aliased, temporaries; ``total`` =
+arguments + outputs - aliased + temporaries, because XLA:CPU's ``peak_memory_in_bytes`` leaves the temporaries
+out; on CPU also ``cpu_upcast_gb``, the f32 copies of bf16 weights that only XLA:CPU makes
+(``memory_plan._cpu_weight_upcasts``), and ``peak_gb`` = total - upcast), our own sum of the weight shards
+(``weights_gb``) and of the KV cache / optimiser state shards (``state_gb``), ``fits`` (peak within 90% of the
+device's memory: the plan's device kind or ``--target_device`` on CPU), and XLA's ``cost_analysis()`` flops
+and bytes accessed (``xla_flops``, ``xla_bytes``). XLA counts a loop body once, whatever its trip count: a
+scanned layer stack counts one layer (one [self x k, cross] group for the vision models), and query blocks of
+more than ``attention.Q_CHUNK`` = 1024 rows (a ``lax.map``) count one block. So ``xla_flops_fit`` /
+``xla_bytes_fit`` extrapolate the *unrolled* model's counts linearly in depth from compiles of the same step at
+1 and 2 layers (groups): ``c1 + (L - 1) * (c2 - c1)`` (``--depth_fit``); the query-block loop stays counted once.
+
+FLOPs by MaxText's convention (``analytic_flops``, all devices together; see ``FLOP_CONVENTION``): per token and
+self-attention layer ``2 * (D*(N+2K)*H + N*H*D + 3*D*F)`` for the matmuls plus ``4 * N * H * S_visible`` for
+attention, where a causal T-token sequence counts half of T x T (``S_visible`` averages T/2); the head ``2*D*V``
+per row it computes; training = 3x forward (``--train_mode=full``; MFU, not counting rematerialisation) or 2x
+(``lora``: no weight gradients of frozen weights). With timings (a GPU/TPU, ``--measure=auto``; or
+``--measure=true``, which also times a CPU run if the devices' memory fits in half the host's): ``step_s``
+(median of ``--repeats`` after a warm-up), ``tokens_per_s``, ``mfu`` = analytic FLOPs / step_s / (devices x peak),
+and for decode ``hbm_util`` = bytes a device must read per step (its shards of the weights the step uses, KV cache
+and cross K/V: ``read_gb``) / step_s / bandwidth. Peaks by device kind (``PEAKS``; H100/H200 989 TFLOP/s, 3.35 /
+4.8 TB/s; TPU v5e 197 / 0.819, v5p 459 / 2.77, v6e 918 / 1.64), else ``--peak_tflops`` / ``--bandwidth_tbs``.
+
+Outputs (``--out_dir``, default ``experiments/results/scaling/``): ``scaling.csv``, appended and flushed row by
+row, so an interrupted sweep loses at most the row in flight, and ``--resume`` (default) skips every row whose key
+(``KEY``) is already there with status ``ok`` or ``skipped`` (a row that cannot run: too few devices, a batch the
+plan's batch axes do not divide, a plan that cannot shard the model); ``error`` rows run again (a CPU row too big
+to time under ``--max_host_gb`` is ``ok`` untimed, with the reason). ``scaling.json``: flags, machine, versions,
+the commands that filled the CSV, conventions and every row.
+``roofline.png``: arithmetic intensity (XLA flops / bytes per device) against FLOP/s per device under the
+device's compute and bandwidth ceilings (achieved FLOP/s where timed, else XLA's estimate: the roofline bound
+itself, labelled so), and ``throughput_vs_devices.png`` (tokens/s, or on CPU per-device memory and compile time,
+against the device count, by plan). ``--max_seconds`` stops starting rows after that long (resume later).
+
+Tests run this script as a subprocess (tests/sharding/test_scaling_study.py): some flag names (``--dtype``,
+``--seq_lens``, ``--max_seconds``, ...) are also bench_kernels', and absl takes one definition per process.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT_PLANS = ["single", "fsdp", "tp"]
+
+
+def _plan_devices(argv: list[str]) -> int:
+    """The most devices a ``--plans`` entry of ``argv`` needs (read from the TOML files, before JAX starts)."""
+    plans = DEFAULT_PLANS
+    for i, arg in enumerate(argv):
+        if arg.startswith("--plans="):
+            plans = arg.split("=", 1)[1].split(",")
+        elif arg == "--plans" and i + 1 < len(argv):
+            plans = argv[i + 1].split(",")
+    most = 1
+    for plan in plans:
+        path = Path(plan) if plan.endswith(".toml") else Path(__file__).parent.parent / "sharding" / f"{plan}.toml"
+        try:
+            most = max(most, math.prod(tomllib.loads(path.read_text())["mesh"]["shape"]))
+        except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+            pass  # reported per row
+    return most
+
+
+if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    # Simulated CPU devices for the largest plan (harmless on a GPU/TPU host, where the plans use the real devices).
+    # memory_plan (imported below) sets its own count only when jax is not imported yet: it is by then.
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={_plan_devices(sys.argv)}"
+    )
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from absl import app, flags  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from experiments import memory_plan  # noqa: E402
+from experiments.results_io import RESULTS_DIR, machine  # noqa: E402
+from llama32_jax import configs, dims, sharding  # noqa: E402
+from llama32_jax.cache import KVCache  # noqa: E402
+from llama32_jax.model import abstract_model  # noqa: E402
+
+GB = memory_plan.GB
+PHASES = ("prefill", "decode", "train")
+_MODELS = flags.DEFINE_list(
+    "models", ["Llama-3.2-1B"], f"names in llama32_jax.configs.CONFIGS: {list(configs.CONFIGS)}"
+)
+_PLANS = flags.DEFINE_list("plans", DEFAULT_PLANS, "sharding plans: names in sharding/ or .toml paths")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "batch sizes (sequences)")
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["1024", "4096"], "T: prompt tokens (prefill, train); cache slots (decode)")
+_PHASES = flags.DEFINE_list("phases", list(PHASES), f"which of {PHASES}")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parameters and KV cache")
+_LAYOUTS = flags.DEFINE_list("layouts", ["scanned"], "scanned (compile time flat in depth) and/or unrolled")
+_IMAGES = flags.DEFINE_integer("vision_images", 1, "vision models, prefill/decode: 4-tile images per sequence")
+_DECODE_SLOTS = flags.DEFINE_integer("decode_slots", 128, "prefill: KV-cache slots beyond the prompt")
+_TRAIN_MODE = flags.DEFINE_enum("train_mode", "full", ["full", "lora"], "train: llama32_jax.train TrainConfig.mode")
+_REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots"], "train: TrainConfig.remat")
+_MEASURE = flags.DEFINE_enum("measure", "auto", ["auto", "true", "false"], "time steps (auto: on GPU/TPU only)")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed steps per row (median), after one warm-up")
+_DEPTH_FIT = flags.DEFINE_bool("depth_fit", True, "XLA cost of the whole depth from 1- and 2-layer compiles")
+_MAX_HOST_GB = flags.DEFINE_float("max_host_gb", 0.0, "skip measuring on CPU above this (0: half of MemAvailable)")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.2, "dense TFLOP/s per device of a kind not in PEAKS (CPU)")
+_BANDWIDTH = flags.DEFINE_float("bandwidth_tbs", 0.04, "memory TB/s per device of a kind not in PEAKS (CPU)")
+_TARGET = flags.DEFINE_string("target_device", "H100", "CPU rows: device kind for the roofline and 'fits' budget")
+_OUT_DIR = flags.DEFINE_string("out_dir", os.path.join(RESULTS_DIR, "scaling"), "CSV, JSON and plots go here")
+_RESUME = flags.DEFINE_bool("resume", True, "skip rows already in the CSV (false: start a new CSV)")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", 0.0, "start no row after this many seconds (0: no limit)")
+_PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "only re-draw the plots from the CSV in --out_dir")
+
+KEY = ("platform", "model", "plan", "batch", "seq_len", "phase", "dtype", "layout", "images", "train_mode", "remat")
+COLUMNS = (
+    *KEY,
+    *("devices", "mesh", "device_kind", "status", "reason", "tokens", "lower_s", "compile_s", "fit_compile_s"),
+    *("target_device", "budget_gb", "fits"),
+    *("weights_gb", "state_gb", "read_gb", "argument_gb", "output_gb", "alias_gb", "temp_gb", "total_gb"),
+    *("cpu_upcast_gb", "peak_gb", "xla_flops", "xla_bytes", "xla_flops_fit", "xla_bytes_fit", "analytic_flops"),
+    *("step_s", "tokens_per_s", "tflops_per_device", "mfu", "hbm_util", "peak_tflops", "bandwidth_tbs"),
+)
+FLOP_CONVENTION = (
+    "MaxText (calculate_tflops_training_per_device), all devices together. Per token and self-attention layer: "
+    "matmuls 2*(D*(N+2K)*H + N*H*D + 3*D*F), attention 4*N*H*S_visible (QK^T and PV) with S_visible the keys the "
+    "query sees, causal counting half: a T-token prefill or training sequence counts 4*N*H*T^2/2 per layer, a decode "
+    "step with a T-slot cache 4*N*H*T. Output head 2*D*V per row computed (prefill and decode: last row only; "
+    "training: all T). Vision models with images, per cross-attention block and token: 2*(2*D*N*H + 3*D*F) + "
+    "4*N*H*N_v, every vision token visible (the vision K/V are computed once per image, outside the step). Not "
+    "counted: embedding lookups, norms, RoPE, softmax. Training = 3x forward (mode=full; rematerialisation not "
+    "counted: MFU, not HFU) or 2x forward (mode=lora: no weight gradients of the frozen weights). "
+    "MFU = analytic_flops / step_s / (devices * peak_tflops)."
+)
+XLA_CONVENTION = (
+    "xla_flops / xla_bytes: compiled.cost_analysis() 'flops' / 'bytes accessed' of ONE device's SPMD program, every "
+    "loop body counted once (a scanned layer stack = one layer or group; attention over more than 1024 queries = "
+    "one query block). xla_*_fit: the unrolled model's counts extrapolated in depth, c1 + (L-1)*(c2-c1), from "
+    "compiles at 1 and 2 layers (vision: groups); the query-block loop is still counted once."
+)
+MEMORY_CONVENTION = (
+    "GB (1e9) per device from compiled.memory_analysis(): total = argument + output - alias + temp; cpu_upcast_gb = "
+    "XLA:CPU's f32 copies of bf16 weights (memory_plan._cpu_weight_upcasts; none on GPU/TPU); peak = total - upcast. "
+    "weights_gb / state_gb: our sums of the parameter shards / KV cache (+ cross K/V) or optimiser state shards. "
+    "read_gb: what one device must read per step (shards of the weights the step multiplies by + KV cache + cross "
+    "K/V); hbm_util (decode) = read_gb / step_s / bandwidth."
+)
+# device kind (lower case) contains -> (dense bf16 TFLOP/s, HBM TB/s) per device; the first match wins
+PEAKS = (
+    ("h100", 989.0, 3.35),
+    ("h200", 989.0, 4.8),
+    ("v5 lite", 197.0, 0.819),
+    ("v5e", 197.0, 0.819),
+    ("v5p", 459.0, 2.77),
+    ("tpu v5", 459.0, 2.77),
+    ("v6", 918.0, 1.64),
+)
+
+
+def peaks(device_kind: str) -> tuple[float, float]:
+    """(TFLOP/s, TB/s) of one device of ``device_kind``; the flags for a kind not in :data:`PEAKS`."""
+    for key, tflops, tbs in PEAKS:
+        if key in device_kind.lower():
+            return tflops, tbs
+    return _PEAK_TFLOPS.value, _BANDWIDTH.value
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    model: str
+    plan: str
+    batch: int
+    seq_len: int
+    phase: str
+    dtype: str
+    layout: str
+    images: int
+    train_mode: str
+    remat: str
+
+
+class Skip(Exception):
+    """The row cannot run here; its message is recorded as the reason."""
+
+
+@dataclasses.dataclass
+class Step:
+    """One compiled step's ingredients: ``fn(*args)`` with abstract sharded ``args``, donated ``donate``;
+    ``params`` (for the f32-upcast scan), per-device bytes; ``feed(args, outputs) -> next args`` for timing."""
+
+    fn: Callable
+    args: tuple
+    donate: tuple[int, ...]
+    params: Any
+    weights: int
+    state: int
+    read: int
+    feed: Callable
+
+
+# ------------------------------------------------------------------------------------------------ analytic FLOPs
+
+
+def analytic_flops(config, phase: str, batch: int, seq_len: int, images: int, mode: str = "full") -> float:
+    """MaxText-convention FLOPs of one step, all devices (:data:`FLOP_CONVENTION`)."""
+    t = config.text
+    d, n, k, h, f = t.dim, t.n_heads, t.n_kv_heads, t.head_dim, t.ffn_dim
+    layer = 2 * (d * (n + 2 * k) * h + n * h * d + 3 * d * f)  # per token
+    queries = 1 if phase == "decode" else seq_len
+    visible = seq_len if phase == "decode" else seq_len / 2  # mean keys per query (causal: half)
+    per_seq = t.n_layers * (queries * layer + 4 * n * h * queries * visible)
+    per_seq += 2 * d * t.vocab_size * (seq_len if phase == "train" else 1)
+    if config.is_vision and images and phase != "train":
+        n_v = images * config.vision.max_num_tiles * config.vision.tokens_per_tile
+        per_seq += t.n_cross_attention_layers * queries * (2 * (2 * d * n * h + 3 * d * f) + 4 * n * h * n_v)
+    forward = batch * per_seq
+    return forward * ((2 if mode == "lora" else 3) if phase == "train" else 1)
+
+
+# ------------------------------------------------------------------------------------------------ building steps
+
+
+def _depth(config, units: int):
+    """``config`` unrolled with ``units`` layers (vision: groups of k self layers + 1 cross block)."""
+    t = config.text
+    if config.is_vision:
+        every = t.cross_attention_every
+        text = dataclasses.replace(t, n_layers=every * units, n_cross_attention_layers=units)
+    else:
+        text = dataclasses.replace(t, n_layers=units)
+    return config.replace(text=text, scan_layers=False)
+
+
+def _units(config) -> int:
+    return config.text.n_cross_attention_layers if config.is_vision else config.text.n_layers
+
+
+def _placed_model(model, placement):
+    for _, node in nnx.iter_graph(model):  # as shard_model: the model and its attention modules
+        if isinstance(node, nnx.Module) and hasattr(node, "placement"):
+            node.placement = placement
+    return model
+
+
+def _cache(config, batch: int, slots: int, dtype, placement) -> KVCache:
+    c = jax.eval_shape(lambda: KVCache.init(config, batch, slots, dtype=dtype))
+    axes = sharding.cache_axes(c.stacked)
+
+    def place(x, what):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement.sharding(axes, x.shape, what))
+
+    if c.stacked:
+        k, v = place(c.k, "KV cache k"), place(c.v, "KV cache v")
+    else:
+        k, v = (tuple(place(x, f"KV cache {n}[{i}]") for i, x in enumerate(xs)) for n, xs in (("k", c.k), ("v", c.v)))
+    start = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=placement.sharding((dims.BATCH,), (batch,), "start"))
+    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=placement.replicated())
+    return KVCache(k=k, v=v, start=start, index=index)
+
+
+def _cross(config, batch: int, slots: int, images: int, dtype, placement):
+    """Abstract :class:`CrossInputs`: every cross block's K/V over ``images`` 4-tile images, and the tile mask."""
+    from llama32_jax.mllama import CrossInputs
+
+    t, v = config.text, config.vision
+    one = (batch, t.n_kv_heads, images * v.max_num_tiles * v.tokens_per_tile, t.head_dim)
+
+    def arr(shape, axes):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding(axes, shape, "cross K/V"))
+
+    if config.scan_layers:
+        stacked = (t.n_cross_attention_layers, *one)
+        kv = (
+            arr(stacked, (dims.LAYERS, *sharding.CROSS_KV_AXES)),
+            arr(stacked, (dims.LAYERS, *sharding.CROSS_KV_AXES)),
+        )
+    else:
+        kv = tuple(
+            (arr(one, sharding.CROSS_KV_AXES), arr(one, sharding.CROSS_KV_AXES))
+            for _ in range(t.n_cross_attention_layers)
+        )
+    mask_shape = (batch, slots, images, v.max_num_tiles)
+    mask = jax.ShapeDtypeStruct(
+        mask_shape, jnp.bool_, sharding=placement.sharding((dims.BATCH, None, None, None), mask_shape, "tile mask")
+    )
+    return CrossInputs(kv, mask, v.tokens_per_tile)
+
+
+def _bytes(tree) -> int:
+    return sum(memory_plan._shard_bytes(x) for x in jax.tree.leaves(tree))
+
+
+def _step_weight_bytes(config, params: dict) -> int:
+    """Per-device bytes of the weights a prefill/decode step multiplies by: not the vision tower, nor an untied
+    embedding table (only gathered)."""
+    skip = {"vision", "projector"} | ({"embed", "learnable_embedding"} if not config.text.tie_embeddings else set())
+    return sum(_bytes(v) for k, v in params.items() if k not in skip)
+
+
+def build_inference(config, case: Case, placement, dtype) -> Step:
+    """Prefill (``T`` tokens into an empty cache of ``T + --decode_slots``) or one decode step (``T``-slot cache)."""
+    model = _placed_model(abstract_model(config, param_dtype=dtype), placement)
+    graphdef, state = nnx.split(model)
+    params = memory_plan._abstract(
+        nnx.to_pure_dict(state), nnx.to_pure_dict(sharding.param_specs(model, placement.plan)), placement.mesh
+    )
+    length = 1 if case.phase == "decode" else case.seq_len
+    slots = case.seq_len if case.phase == "decode" else case.seq_len + _DECODE_SLOTS.value
+    cache = _cache(config, case.batch, slots, dtype, placement)
+    cross = _cross(config, case.batch, slots, case.images, dtype, placement) if case.images else None
+    shape = (case.batch, length)
+    tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=placement.sharding((dims.BATCH, None), shape, "tokens"))
+
+    def step(params, tokens, cache, cross):
+        kw = {} if cross is None else {"cross": cross}
+        return nnx.merge(graphdef, params)(tokens, cache, last_only=True, **kw)
+
+    index = case.seq_len - 1 if case.phase == "decode" else 0
+
+    def feed(args, out):  # the donated cache comes back; rewind it so every timed step does the same work
+        cache = dataclasses.replace(out[1], index=jax.device_put(jnp.int32(index), placement.replicated()))
+        return (args[0], args[1], cache, args[3])
+
+    state_bytes = _bytes((cache.k, cache.v)) + (_bytes(cross.kv) if cross is not None else 0)
+    weights = _step_weight_bytes(config, params)
+    args = (params, tokens, cache, cross)
+    return Step(step, args, (2,), params, _bytes(params), state_bytes, weights + state_bytes, feed)
+
+
+def _shard_like_params(tree, specs: dict, mesh):
+    """Abstract leaves with shardings: a leaf whose path ends with a parameter's path gets that parameter's spec
+    (the parameters themselves, and optimiser moments such as ``...mu.<param path>``); anything else (step
+    counters) is replicated."""
+
+    def leaf(path, x):
+        keys = tuple(getattr(p, "key", getattr(p, "idx", None)) for p in path)
+        keys = tuple(k for k in keys if k is not None)
+        spec = next((specs[keys[i:]] for i in range(len(keys)) if keys[i:] in specs), None)
+        if spec is None or len(spec) > len(x.shape):
+            spec = P()
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def build_train(config, case: Case, placement, dtype) -> Step:
+    """One ``llama32_jax.train`` step on ``[B, T]`` inputs/targets/loss_mask (trainable + optimiser state donated)."""
+    from llama32_jax.train import TrainConfig, make_optimizer, make_train_step, split_for_training
+
+    cfg = TrainConfig(mode=case.train_mode, remat=case.remat)
+    if cfg.mode == "lora":  # adapters added to the abstract model here (split_for_training would place real ones)
+        from llama32_jax.lora import add_lora
+        from llama32_jax.model import init_model
+
+        def with_lora():
+            model = init_model(config, param_dtype=dtype)
+            add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, seed=cfg.seed)
+            return model
+
+        model = _placed_model(nnx.eval_shape(with_lora), placement)
+    else:
+        model = _placed_model(abstract_model(config, param_dtype=dtype), placement)
+    specs = nnx.to_pure_dict(sharding.param_specs(model, placement.plan))  # adapters included
+    flat = {
+        tuple(p.key for p in path): spec
+        for path, spec in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
+    }
+    graphdef, trainable, frozen = split_for_training(model, cfg)
+    tx = make_optimizer(cfg)
+    step = make_train_step(graphdef, tx, cfg)
+    trainable = _shard_like_params(trainable, flat, placement.mesh)
+    frozen = _shard_like_params(frozen, flat, placement.mesh)
+    opt_state = _shard_like_params(jax.eval_shape(tx.init, trainable), flat, placement.mesh)
+    shape = (case.batch, case.seq_len)
+    bs = placement.sharding((dims.BATCH, None), shape, "batch")
+    batch = {
+        "inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bs),
+        "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bs),
+        "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bs),
+    }
+
+    def feed(args, out):
+        return (out[0], args[1], out[1], args[3])
+
+    weights = _bytes(trainable) + _bytes(frozen)
+    state = _bytes(opt_state)
+    params = (trainable, frozen)
+    return Step(step, (trainable, frozen, opt_state, batch), (0, 2), params, weights, state, weights + state, feed)
+
+
+def build(config, case: Case, placement, dtype) -> Step:
+    return (build_train if case.phase == "train" else build_inference)(config, case, placement, dtype)
+
+
+# ------------------------------------------------------------------------------------------------ running a row
+
+
+def _cost(compiled) -> tuple[float, float]:
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, list | tuple) else ca
+    return float(ca.get("flops", float("nan"))), float(ca.get("bytes accessed", float("nan")))
+
+
+def _materialise(tree, seed: int, vocab: int):
+    """Real arrays in the abstract leaves' shardings, made by one jitted call: floats ~ N(0, 0.02), bools True,
+    ``[B, T]`` ints random tokens below ``vocab``, other ints 0 (cache ``start``/``index``: the callers set them)."""
+    leaves, treedef = jax.tree.flatten(tree)
+
+    def make(key):
+        out = []
+        for k, x in zip(jax.random.split(key, len(leaves)), leaves, strict=True):
+            if jnp.issubdtype(x.dtype, jnp.floating):
+                out.append((0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype))
+            elif x.dtype == jnp.bool_:
+                out.append(jnp.ones(x.shape, bool))
+            elif x.ndim == 2:
+                out.append(jax.random.randint(k, x.shape, 0, vocab, x.dtype))
+            else:
+                out.append(jnp.zeros(x.shape, x.dtype))
+        return out
+
+    arrays = jax.jit(make, out_shardings=[x.sharding for x in leaves])(jax.random.key(seed))
+    return jax.tree.unflatten(treedef, arrays)
+
+
+def _time(compiled, step: Step, vocab: int, repeats: int) -> float:
+    args = _materialise(step.args, 0, vocab)
+    if step.donate == (2,):  # inference: start from the row's own cache index
+        args = step.feed(args, (None, args[2]))
+    out = compiled(*args)
+    jax.block_until_ready(out)
+    times = []
+    for _ in range(repeats):
+        args = step.feed(args, out)
+        t0 = time.perf_counter()
+        out = compiled(*args)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - t0)
+    del args, out
+    return statistics.median(times)
+
+
+def _host_budget() -> float:
+    if _MAX_HOST_GB.value:
+        return _MAX_HOST_GB.value * GB
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        avail = 8 * GB
+    return 0.5 * avail
+
+
+def _budget(plan, device, peak_gb: float) -> dict:
+    """Does one device's peak fit its memory less 10% (memory_plan's rule)? A CPU row is judged for the plan's
+    device kind, else ``--target_device``; a GPU/TPU row for the device's own memory."""
+    if device.platform == "cpu":
+        kind = plan.devices or _TARGET.value
+        capacity = memory_plan.DEVICE_MEMORY.get(kind)
+    else:
+        kind = device.device_kind
+        capacity = (device.memory_stats() or {}).get("bytes_limit")
+    if not capacity:
+        return {"target_device": kind}
+    budget = memory_plan.HEADROOM * capacity / GB
+    return {"target_device": kind, "budget_gb": round(budget, 2), "fits": peak_gb <= budget}
+
+
+def run_case(case: Case, platform_name: str, measure: bool, dtype) -> dict:
+    """Compile (and maybe time) one row; raises :class:`Skip` when it cannot run here."""
+    config = configs.get_config(case.model).replace(scan_layers=case.layout == "scanned")
+    plan = sharding.load_plan(case.plan)
+    devices = jax.devices()
+    if len(devices) < plan.size:
+        raise Skip(f"plan needs {plan.size} devices, {len(devices)} available")
+    if case.batch % plan.batch_shards:
+        raise Skip(f"batch {case.batch} is not a multiple of the plan's {plan.batch_shards} batch shards")
+    try:
+        sharding.validate(config, plan)
+    except sharding.PlanError as e:
+        raise Skip(str(e)) from None
+    placement = sharding.Placement(plan, sharding.make_mesh(plan, devices))
+    kind = devices[0].device_kind
+    row: dict[str, Any] = dict(devices=plan.size, mesh=json.dumps(plan.mesh_dict), device_kind=kind)
+    step = build(config, case, placement, dtype)
+    t0 = time.perf_counter()
+    lowered = jax.jit(step.fn, donate_argnums=step.donate).lower(*step.args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    row.update(lower_s=round(t1 - t0, 3), compile_s=round(time.perf_counter() - t1, 3))
+    mem = compiled.memory_analysis()
+    total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    upcast = memory_plan._cpu_weight_upcasts(compiled.as_text(), step.params) if platform_name == "cpu" else 0
+    row.update(
+        weights_gb=step.weights / GB, state_gb=step.state / GB, read_gb=step.read / GB,
+        argument_gb=mem.argument_size_in_bytes / GB, output_gb=mem.output_size_in_bytes / GB,
+        alias_gb=mem.alias_size_in_bytes / GB, temp_gb=mem.temp_size_in_bytes / GB, total_gb=total / GB,
+        cpu_upcast_gb=upcast / GB, peak_gb=(total - upcast) / GB,
+    )  # fmt: skip
+    row.update(_budget(plan, devices[0], row["peak_gb"]))
+    flops, nbytes = _cost(compiled)
+    row.update(xla_flops=flops, xla_bytes=nbytes)
+    tokens = case.batch * (1 if case.phase == "decode" else case.seq_len)
+    flops = analytic_flops(config, case.phase, case.batch, case.seq_len, case.images, case.train_mode)
+    row.update(tokens=tokens, analytic_flops=flops)
+    if _DEPTH_FIT.value:
+        t2 = time.perf_counter()
+        costs = []
+        for units in (1, 2):
+            small = build(_depth(config, units), case, placement, dtype)
+            costs.append(_cost(jax.jit(small.fn, donate_argnums=small.donate).lower(*small.args).compile()))
+        (f1, b1), (f2, b2) = costs
+        n = _units(config)
+        row.update(xla_flops_fit=f1 + (n - 1) * (f2 - f1), xla_bytes_fit=b1 + (n - 1) * (b2 - b1))
+        row["fit_compile_s"] = round(time.perf_counter() - t2, 3)
+    if measure:
+        if platform_name == "cpu" and total * plan.size > _host_budget():
+            row["reason"] = f"not timed: {total / GB * plan.size:.1f} GB over the devices > host budget"
+        else:
+            peak, bandwidth = peaks(kind)
+            step_s = _time(compiled, step, config.text.vocab_size, _REPEATS.value)
+            row.update(step_s=step_s, tokens_per_s=tokens / step_s, peak_tflops=peak, bandwidth_tbs=bandwidth)
+            row["tflops_per_device"] = row["analytic_flops"] / step_s / plan.size / 1e12
+            row["mfu"] = row["tflops_per_device"] / peak
+            if case.phase == "decode":
+                row["hbm_util"] = step.read / step_s / (bandwidth * 1e12)
+    return row
+
+
+# ------------------------------------------------------------------------------------------------ CSV, JSON
+
+
+def read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _key(row: dict) -> tuple[str, ...]:
+    return tuple(str(row.get(k, "")) for k in KEY)
+
+
+def _append(path: str, row: dict) -> None:
+    """Append one row and flush it to disk (a new or differently-headed file gets the header first)."""
+    existing = read_rows(path)
+    if existing and list(existing[0]) != list(COLUMNS):  # an older layout: rewrite it in this one
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(existing)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow({k: ("" if v is None else v) for k, v in row.items()})
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _repair(path: str) -> None:
+    """Cut a partial last line (a process killed while writing it), so appending goes on cleanly."""
+    if os.path.exists(path):
+        with open(path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+
+def _number(v: str):
+    if v in ("True", "False"):
+        return v == "True"
+    for cast in (int, float):
+        try:
+            return cast(v)
+        except ValueError:
+            pass
+    return v
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "flax", "optax", "numpy", "matplotlib"):
+        try:
+            out[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    return out
+
+
+def cases() -> list[Case]:
+    """The sweep, in order: model x plan x batch x seq_len x phase x layout (the flags)."""
+    out = []
+    grid = itertools.product(
+        _MODELS.value, _PLANS.value, _BATCHES.value, _SEQ_LENS.value, _PHASES.value, _LAYOUTS.value
+    )
+    for model, plan, batch, seq_len, phase, layout in grid:
+        train = phase == "train"
+        images = _IMAGES.value if configs.get_config(model).is_vision and not train else 0
+        mode, remat = (_TRAIN_MODE.value, _REMAT.value) if train else ("", "")
+        out.append(Case(model, plan, int(batch), int(seq_len), phase, _DTYPE.value, layout, images, mode, remat))
+    return out
+
+
+def sweep(out_dir: str) -> list[dict]:
+    """Run every case not already in ``out_dir/scaling.csv``; returns the rows computed by this call."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "scaling.csv")
+    if not _RESUME.value:  # a new sweep: the old CSV and its JSON (with its command history) go
+        for name in (path, os.path.join(out_dir, "scaling.json")):
+            if os.path.exists(name):
+                os.remove(name)
+    _repair(path)
+    done = {_key(r): r["status"] for r in read_rows(path)}
+    platform_name = jax.devices()[0].platform
+    measure = {"auto": platform_name != "cpu", "true": True, "false": False}[_MEASURE.value]
+    dtype = jnp.dtype(_DTYPE.value)
+    for phase in _PHASES.value:
+        if phase not in PHASES:
+            raise app.UsageError(f"--phases: unknown phase {phase!r}; valid: {PHASES}")
+    for layout in _LAYOUTS.value:
+        if layout not in ("scanned", "unrolled"):
+            raise app.UsageError(f"--layouts: unknown layout {layout!r}; valid: scanned, unrolled")
+    t_start, computed = time.perf_counter(), []
+    todo = cases()
+    for i, case in enumerate(todo):
+        row = {"platform": platform_name, **dataclasses.asdict(case)}
+        if done.get(_key(row)) in ("ok", "skipped"):
+            continue
+        if _MAX_SECONDS.value and time.perf_counter() - t_start > _MAX_SECONDS.value:
+            print(f"--max_seconds reached: {len(todo) - i} rows left for a resumed run", flush=True)
+            break
+        t0 = time.perf_counter()
+        try:
+            row.update(run_case(case, platform_name, measure, dtype), status="ok")
+        except Skip as e:
+            row.update(status="skipped", reason=" ".join(str(e).split()))
+        except Exception as e:  # recorded; a resumed run tries it again
+            traceback.print_exc()
+            row.update(status="error", reason=" ".join(f"{type(e).__name__}: {e}".split())[:500])
+        jax.clear_caches()
+        _append(path, row)
+        computed.append(row)
+        what = (
+            f"peak {row['peak_gb']:.2f} GB/device, compile {row['compile_s']} s"
+            if row["status"] == "ok"
+            else row["reason"]
+        )
+        where = f"[{i + 1}/{len(todo)} {time.perf_counter() - t0:.1f} s]"
+        print(where, *dataclasses.astuple(case), f"{row['status']} ({what})", flush=True)
+    return computed
+
+
+def write_json(out_dir: str) -> str:
+    rows = [
+        {k: _number(v) if v != "" else None for k, v in r.items()}
+        for r in read_rows(os.path.join(out_dir, "scaling.csv"))
+    ]
+    flag_names = [f.name for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])]
+    path = os.path.join(out_dir, "scaling.json")
+    command = "python -m experiments.scaling_study " + " ".join(sys.argv[1:])
+    commands = []  # every run that added rows to this CSV (a resumed or extended sweep), oldest first
+    if os.path.exists(path):
+        with open(path) as f:
+            commands = json.load(f).get("commands", [])
+    if not commands or commands[-1] != command:
+        commands.append(command)
+    record = {
+        "machine": machine(),
+        "versions": _versions(),
+        "command": command,
+        "commands": commands,
+        "flags": {name: flags.FLAGS[name].value for name in flag_names},
+        "conventions": {"flops": FLOP_CONVENTION, "xla": XLA_CONVENTION, "memory": MEMORY_CONVENTION},
+        "peaks": {key: {"tflops": tf, "tbs": tbs} for key, tf, tbs in PEAKS},
+        "rows": rows,
+    }
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ plots
+
+
+def plot(out_dir: str, roofline_device: str = "H100") -> list[str]:
+    """``roofline.png`` and ``throughput_vs_devices.png`` from ``out_dir/scaling.csv`` (only the CSV is read)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    rows = [{k: _number(v) for k, v in r.items()} for r in read_rows(os.path.join(out_dir, "scaling.csv"))]
+    rows = [r for r in rows if r["status"] == "ok"]
+    timed = [r for r in rows if isinstance(r.get("step_s"), float)]
+    models = sorted({r["model"] for r in rows})
+    plans = sorted({r["plan"] for r in rows})
+    colour = {m: f"C{i}" for i, m in enumerate(models)}
+    marker = {p: "osD^v<>ph*X"[i % 11] for i, p in enumerate(plans)}
+    phase_marker = {"prefill": "o", "decode": "s", "train": "^"}
+
+    # Roofline, per device: achieved (timed rows) or XLA's estimate (the bound at the row's intensity).
+    kind = timed[0]["device_kind"] if timed else roofline_device
+    peak, bandwidth = (timed[0]["peak_tflops"], timed[0]["bandwidth_tbs"]) if timed else peaks(kind)
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    points = []
+    for r in timed or rows:
+        flops = r["xla_flops_fit"] if isinstance(r.get("xla_flops_fit"), float) else r["xla_flops"]
+        nbytes = r["xla_bytes_fit"] if isinstance(r.get("xla_bytes_fit"), float) else r["xla_bytes"]
+        if not (flops > 0 and nbytes > 0):
+            continue
+        ai = flops / nbytes
+        y = r["tflops_per_device"] * 1e12 if timed else min(peak * 1e12, ai * bandwidth * 1e12)
+        points.append((ai, y))
+        ax.scatter(ai, y, c=colour[r["model"]], marker=phase_marker.get(r["phase"], "x"), s=28, alpha=0.8)
+    if points:
+        lo = min(p[0] for p in points) / 4
+        hi = max(max(p[0] for p in points) * 4, 4 * peak / bandwidth)
+        xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+        ax.plot(xs, [min(peak * 1e12, x * bandwidth * 1e12) for x in xs], "k-", lw=1.5)
+        ax.axhline(peak * 1e12, color="k", ls=":", lw=0.8)
+        ax.text(lo * 1.1, peak * 1e12 * 1.08, f"compute {peak:g} TFLOP/s", fontsize=8)
+        ax.text(lo * 1.1, lo * bandwidth * 1e12 * 1.5, f"bandwidth {bandwidth:g} TB/s", fontsize=8, rotation=20)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (XLA flops / bytes accessed per device, depth-fitted)")
+    ax.set_ylabel("FLOP/s per device" + (" (achieved, MaxText FLOPs)" if timed else " (estimated)"))
+    title = f"Roofline, {kind}" + ("" if timed else ": XLA cost-analysis estimates on simulated devices, no timings")
+    ax.set_title(title, fontsize=10)
+    handles = [plt.Line2D([], [], color=colour[m], marker="o", ls="", label=m) for m in models]
+    handles += [plt.Line2D([], [], color="grey", marker=mk, ls="", label=ph) for ph, mk in phase_marker.items()]
+    ax.legend(handles=handles, fontsize=7, loc="lower right")
+    ax.grid(True, which="both", alpha=0.2)
+    fig.tight_layout()
+    roof = os.path.join(out_dir, "roofline.png")
+    fig.savefig(roof, dpi=120)
+    plt.close(fig)
+
+    # Throughput (timed) or per-device memory and compile time (CPU) against the device count, by plan.
+    phases = [p for p in PHASES if any(r["phase"] == p for r in rows)] or ["prefill"]
+    panels = (
+        [("tokens_per_s", "tokens/s")] if timed else [("peak_gb", "peak GB per device"), ("compile_s", "compile s")]
+    )
+    fig, axes = plt.subplots(len(panels), len(phases), figsize=(4.2 * len(phases), 3.6 * len(panels)), squeeze=False)
+    for j, phase in enumerate(phases):
+        for i, (col, label) in enumerate(panels):
+            ax = axes[i][j]
+            for r in timed or rows:
+                if r["phase"] == phase and isinstance(r.get(col), float | int):
+                    jitter = 1 + 0.04 * (plans.index(r["plan"]) - len(plans) / 2)
+                    ax.scatter(r["devices"] * jitter, r[col], c=colour[r["model"]], marker=marker[r["plan"]], s=24)
+            if col == "peak_gb":  # the per-device budgets the rows were judged against (memory_plan's 90%)
+                for budget in sorted({r["budget_gb"] for r in rows if isinstance(r.get("budget_gb"), float)}):
+                    ax.axhline(budget, color="r", ls="--", lw=0.8)
+                    ax.text(
+                        0.02,
+                        budget * 1.05,
+                        f"budget {budget:g} GB",
+                        color="r",
+                        fontsize=7,
+                        transform=ax.get_yaxis_transform(),
+                    )
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            counts = sorted({r["devices"] for r in rows})
+            ax.set_xticks(counts, [str(c) for c in counts])
+            ax.set_xlim(min(counts) / 1.6, max(counts) * 1.6)
+            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
+            ax.tick_params(axis="y", which="minor", labelsize=6)
+            ax.set_title(f"{phase}: {label}", fontsize=9)
+            ax.set_xlabel("devices")
+            ax.grid(True, which="both", alpha=0.2)
+    handles = [plt.Line2D([], [], color=colour[m], marker="o", ls="", label=m) for m in models]
+    handles += [plt.Line2D([], [], color="grey", marker=marker[p], ls="", label=p) for p in plans]
+    fig.legend(handles=handles, fontsize=7, loc="upper right")
+    what = "measured" if timed else "XLA:CPU AOT on simulated devices: XLA's memory analysis and compile time"
+    fig.suptitle(f"{what} (every batch x seq_len; plans at one device count side by side)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.9, 0.95))
+    thr = os.path.join(out_dir, "throughput_vs_devices.png")
+    fig.savefig(thr, dpi=120)
+    plt.close(fig)
+    return [roof, thr]
+
+
+def main(argv):
+    del argv
+    out_dir = _OUT_DIR.value
+    if not _PLOT_ONLY.value:
+        computed = sweep(out_dir)
+        print(f"{len(computed)} rows computed; wrote", write_json(out_dir), flush=True)
+    print("wrote", *plot(out_dir, _TARGET.value))
+
+
+if __name__ == "__main__":
+    app.run(main)
