@@ -75,7 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from experiments.results_io import machine, write_result
+from experiments.results_io import machine, table_peaks, write_result
 from llama32_jax import attention as reference
 
 SECTIONS = ("flash", "flash_bwd", "decode", "cross")
@@ -118,16 +118,6 @@ FLOP_CONVENTION = (
 )
 BYTES_CONVENTION = "K/V bytes read = keys + values of the slots (decode) / tiles (cross) visible to some query"
 
-# device kind (lower case) contains -> (dense bf16 TFLOP/s, HBM TB/s); the first match wins
-PEAKS = (
-    ("h100", 989.0, 3.35),
-    ("h200", 989.0, 4.8),
-    ("v5 lite", 197.0, 0.819),
-    ("v5e", 197.0, 0.819),
-    ("v5p", 459.0, 2.77),
-    ("tpu v5", 459.0, 2.77),
-    ("v6", 918.0, 1.64),
-)
 
 _SAMPLE_S = 5e-3  # a timed sample lasts about this long (several back-to-back calls for fast kernels)
 _MAX_INNER = 50
@@ -228,9 +218,10 @@ def config_from_flags() -> Config:
 def device_peaks() -> tuple[float, float, str]:
     """(peak TFLOP/s, bandwidth TB/s, where from) for this process's first device."""
     kind = jax.devices()[0].device_kind
-    for key, tflops, tbs in PEAKS:
-        if key in kind.lower():
-            return tflops, tbs, f"table ({key!r} in device kind {kind!r})"
+    found = table_peaks(kind)
+    if found is not None:
+        key, tflops, tbs = found
+        return tflops, tbs, f"table ({key!r} in device kind {kind!r})"
     return _PEAK_TFLOPS.value, _BANDWIDTH.value, f"--peak_tflops / --bandwidth_tbs (device kind {kind!r} not in table)"
 
 

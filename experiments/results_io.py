@@ -10,6 +10,26 @@ import jax
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
+# Per device: (device kind contains, lower case; dense bf16 TFLOP/s; HBM TB/s), shared/PERFORMANCE.md's limits.
+# The first match wins ("v5 lite" is how JAX names a v5e).
+PEAKS = (
+    ("h100", 989.0, 3.35),
+    ("h200", 989.0, 4.8),
+    ("v5 lite", 197.0, 0.819),
+    ("v5e", 197.0, 0.819),
+    ("v5p", 459.0, 2.77),
+    ("tpu v5", 459.0, 2.77),
+    ("v6", 918.0, 1.64),
+)
+
+
+def table_peaks(device_kind: str) -> tuple[str, float, float] | None:
+    """``(matched key, TFLOP/s, TB/s)`` of one device of ``device_kind`` from :data:`PEAKS`, or None."""
+    for key, tflops, tbs in PEAKS:
+        if key in device_kind.lower():
+            return key, tflops, tbs
+    return None
+
 
 def machine() -> str:
     """e.g. ``"x86_64, 2 cores, cpu"`` (the JAX device kind names the accelerator when there is one)."""

@@ -118,7 +118,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from experiments import memory_plan  # noqa: E402
-from experiments.results_io import RESULTS_DIR, machine  # noqa: E402
+from experiments.results_io import PEAKS, RESULTS_DIR, machine, table_peaks  # noqa: E402
 from llama32_jax import configs, dims, sharding  # noqa: E402
 from llama32_jax.cache import KVCache  # noqa: E402
 from llama32_jax.model import abstract_model  # noqa: E402
@@ -183,24 +183,12 @@ MEMORY_CONVENTION = (
     "read_gb: what one device must read per step (shards of the weights the step multiplies by + KV cache + cross "
     "K/V); hbm_util (decode) = read_gb / step_s / bandwidth."
 )
-# device kind (lower case) contains -> (dense bf16 TFLOP/s, HBM TB/s) per device; the first match wins
-PEAKS = (
-    ("h100", 989.0, 3.35),
-    ("h200", 989.0, 4.8),
-    ("v5 lite", 197.0, 0.819),
-    ("v5e", 197.0, 0.819),
-    ("v5p", 459.0, 2.77),
-    ("tpu v5", 459.0, 2.77),
-    ("v6", 918.0, 1.64),
-)
 
 
 def peaks(device_kind: str) -> tuple[float, float]:
     """(TFLOP/s, TB/s) of one device of ``device_kind``; the flags for a kind not in :data:`PEAKS`."""
-    for key, tflops, tbs in PEAKS:
-        if key in device_kind.lower():
-            return tflops, tbs
-    return _PEAK_TFLOPS.value, _BANDWIDTH.value
+    found = table_peaks(device_kind)
+    return found[1:] if found is not None else (_PEAK_TFLOPS.value, _BANDWIDTH.value)
 
 
 @dataclasses.dataclass(frozen=True)
