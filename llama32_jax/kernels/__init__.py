@@ -26,6 +26,7 @@ The model reaches them through :mod:`llama32_jax.kernels.attend`.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from llama32_jax.errors import InvalidInputError
 
@@ -65,3 +66,38 @@ def resolve_interpret(interpret, backend: str):
     if interpret is None:
         return platform() != backend
     return interpret if not isinstance(interpret, (bool, int)) else bool(interpret)
+
+
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def check_qkv(op: str, q, k, v, keys: str = "S") -> tuple[int, int, int, int, int, int]:
+    """Validate an op's ``q [B, T, N, H]`` and ``k, v [B, K, <keys>, H]``; returns ``(B, T, N, H, K, S)``.
+
+    Raises :class:`InvalidInputError` (prefixed with ``op``) for a wrong rank, a dtype other than float32 / bfloat16
+    / float16 or not shared by all three, ``k`` and ``v`` of different shapes, a batch or head dim that differs
+    from ``q``'s, an empty dimension, or query heads that are not a multiple of the kv heads."""
+    kv_layout = f"[B, K, {keys}, H]"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            layout = "[B, T, N, H]" if name == "q" else kv_layout
+            raise InvalidInputError(f"{op}: {name} must be a rank-4 array {layout}, got shape {jnp.shape(x)}")
+        if jnp.dtype(x.dtype) not in FLOAT_DTYPES:
+            raise InvalidInputError(f"{op}: {name} must be float32, bfloat16 or float16, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise InvalidInputError(f"{op}: q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise InvalidInputError(f"{op}: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape {kv_layout}")
+    b, t, n, h = q.shape
+    kb, kv_heads, s, kh = k.shape
+    if kb != b or kh != h:
+        raise InvalidInputError(
+            f"{op}: k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch (dim 0) and head dim (dim 3)"
+        )
+    if min(b, t, n, h, kv_heads, s) < 1:
+        raise InvalidInputError(f"{op}: empty dimension: q {tuple(q.shape)}, k/v {tuple(k.shape)}")
+    if n % kv_heads:
+        raise InvalidInputError(
+            f"{op}: query heads N={n} (q {tuple(q.shape)}) must be a multiple of kv heads K={kv_heads}"
+        )
+    return b, t, n, h, kv_heads, s

@@ -37,11 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.kernels import resolve_backend, resolve_impl, resolve_interpret
+from llama32_jax.kernels import check_qkv, resolve_backend, resolve_impl, resolve_interpret
 from llama32_jax.kernels.cross_attention import pallas_gpu, pallas_tpu
 from llama32_jax.kernels.cross_attention.reference import cross_attention_reference
-
-FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def cross_attention(
@@ -213,23 +211,7 @@ _attention.defvjp(_forward, _backward)
 
 
 def _check_inputs(q, k, v, tile_mask, tokens_per_tile, scale) -> None:
-    for name, x, what in (("q", q, "[B, T, N, H]"), ("k", k, "[B, K, N_v, H]"), ("v", v, "[B, K, N_v, H]")):
-        if getattr(x, "ndim", None) != 4:
-            raise InvalidInputError(f"cross_attention: {name} must be a rank-4 array {what}, got {x!r:.80}")
-        if x.dtype not in FLOAT_DTYPES:
-            raise InvalidInputError(f"cross_attention: {name} must be float32, bfloat16 or float16, got {x.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise InvalidInputError(f"cross_attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    b, t, n, h = q.shape
-    if k.shape != v.shape:
-        raise InvalidInputError(f"cross_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape")
-    if k.shape[0] != b or k.shape[3] != h:
-        raise InvalidInputError(
-            f"cross_attention: k must be [B={b}, K, N_v, H={h}] (the batch and head dim of q {tuple(q.shape)}), "
-            f"got shape {tuple(k.shape)}"
-        )
-    if k.shape[1] == 0 or n % k.shape[1]:
-        raise InvalidInputError(f"cross_attention: query heads N={n} must be a multiple of kv heads K={k.shape[1]}")
+    b, t, _, _, _, _ = check_qkv("cross_attention", q, k, v, keys="N_v")
     mask_shape = tuple(getattr(tile_mask, "shape", ()))
     if len(mask_shape) != 4 or mask_shape[:2] != (b, t):
         raise InvalidInputError(f"cross_attention: tile_mask must be [B={b}, T={t}, I, R] bool, got shape {mask_shape}")

@@ -34,12 +34,11 @@ import jax
 import jax.numpy as jnp
 
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.kernels import resolve_backend, resolve_impl, resolve_interpret
+from llama32_jax.kernels import check_qkv, resolve_backend, resolve_impl, resolve_interpret
 from llama32_jax.kernels.decode_attention.reference import decode_attention_reference
 
 # More new queries than this per step is a prefill: the grouped rows would not fit one program's registers / VMEM.
 MAX_QUERIES = 64
-DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def decode_attention(
@@ -171,28 +170,11 @@ def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:
 
 def _check(q, k, v, q_offset, kv_start, kv_end, scale, block_k, num_splits):
     """Validate shapes, dtypes and static options; returns ``(B, T, N, H, K, S)``."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.ndim(x) != 4:
-            layout = "[B, T, N, H]" if name == "q" else "[B, K, S, H]"
-            raise InvalidInputError(f"{name} must be {layout} (rank 4), got shape {jnp.shape(x)}")
-    if k.shape != v.shape:
-        raise InvalidInputError(f"k and v must have the same shape [B, K, S, H], got {k.shape} and {v.shape}")
-    b, t, n, h = q.shape
-    kb, kv_heads, s, kh = k.shape
-    if kb != b or kh != h:
-        raise InvalidInputError(f"k/v {k.shape} must be [B, K, S, H] matching q {q.shape} in B and H")
-    if min(b, t, n, h, kv_heads, s) < 1:
-        raise InvalidInputError(f"empty dimension: q {q.shape}, k/v {k.shape}")
-    if n % kv_heads:
-        raise InvalidInputError(f"query heads N={n} (q {q.shape}) must be a multiple of kv heads K={kv_heads}")
+    b, t, n, h, kv_heads, s = check_qkv("decode_attention", q, k, v)
     if t > MAX_QUERIES:
         raise InvalidInputError(
             f"decode_attention takes at most {MAX_QUERIES} new queries per sequence, got T={t} (q {q.shape}); "
             "use llama32_jax.kernels.flash_attention for a prefill"
-        )
-    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype).type not in DTYPES:
-        raise InvalidInputError(
-            f"q, k, v must share one dtype among float32/bfloat16/float16, got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     if jnp.shape(q_offset) != () or not jnp.issubdtype(jnp.result_type(q_offset), jnp.integer):
         raise InvalidInputError(

@@ -38,12 +38,10 @@ import jax
 import jax.numpy as jnp
 
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.kernels import resolve_backend, resolve_impl, resolve_interpret
+from llama32_jax.kernels import check_qkv, resolve_backend, resolve_impl, resolve_interpret
 from llama32_jax.kernels.flash_attention.reference import flash_attention_reference
 
 __all__ = ["flash_attention", "flash_attention_reference"]
-
-_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def flash_attention(
@@ -84,7 +82,7 @@ def flash_attention(
     Raises:
       InvalidInputError: wrong ranks, shapes or dtypes, ``N % K != 0``, bad ``impl``/``backend``/blocks.
     """
-    b, t, n, h, kv_heads, s = _check_arrays(q, k, v)
+    b, t, n, h, kv_heads, s = check_qkv("flash_attention", q, k, v)
     q_offset = _check_offset(q_offset)
     kv_start = _check_range("kv_start", kv_start, b)
     kv_end = _check_range("kv_end", kv_end, b)
@@ -116,34 +114,6 @@ def flash_attention(
 
 
 # ----------------------------------------------------------------------------------------------- validation
-
-
-def _shape(x) -> tuple:
-    return tuple(getattr(x, "shape", ()))
-
-
-def _check_arrays(q, k, v):
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            what = "[B, T, N, H]" if name == "q" else "[B, K, S, H]"
-            raise InvalidInputError(f"{name} must be a rank-4 array {what}, got shape {_shape(x)}")
-        if jnp.dtype(x.dtype).type not in _DTYPES:
-            raise InvalidInputError(f"{name} must be float32, bfloat16 or float16, got {x.dtype}")
-    b, t, n, h = q.shape
-    if k.shape != v.shape:
-        raise InvalidInputError(f"k and v must have the same shape [B, K, S, H], got k {k.shape} and v {v.shape}")
-    if k.shape[0] != b or k.shape[3] != h:
-        raise InvalidInputError(
-            f"k/v {k.shape} must match q {q.shape} in batch (dim 0) and head dim (q dim 3, k/v dim 3)"
-        )
-    if not (q.dtype == k.dtype == v.dtype):
-        raise InvalidInputError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    kv_heads, s = k.shape[1], k.shape[2]
-    if kv_heads == 0 or n % kv_heads:
-        raise InvalidInputError(f"query heads N={n} (q {q.shape}) must be a multiple of kv heads K={kv_heads}")
-    if min(b, t, n, h, s) == 0:
-        raise InvalidInputError(f"empty dimension: q {q.shape}, k/v {k.shape}")
-    return b, t, n, h, kv_heads, s
 
 
 def _check_offset(q_offset):
