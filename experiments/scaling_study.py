@@ -119,12 +119,12 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from experiments import memory_plan  # noqa: E402
 from experiments.results_io import PEAKS, RESULTS_DIR, machine, table_peaks  # noqa: E402
+from experiments.scaling_plots import PHASES, number, plot, read_rows  # noqa: E402
 from llama32_jax import configs, dims, sharding  # noqa: E402
 from llama32_jax.cache import KVCache  # noqa: E402
 from llama32_jax.model import abstract_model  # noqa: E402
 
 GB = memory_plan.GB
-PHASES = ("prefill", "decode", "train")
 _MODELS = flags.DEFINE_list(
     "models", ["Llama-3.2-1B"], f"names in llama32_jax.configs.CONFIGS: {list(configs.CONFIGS)}"
 )
@@ -556,13 +556,6 @@ def run_case(case: Case, platform_name: str, measure: bool, dtype) -> dict:
 # ------------------------------------------------------------------------------------------------ CSV, JSON
 
 
-def read_rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _key(row: dict) -> tuple[str, ...]:
     return tuple(str(row.get(k, "")) for k in KEY)
 
@@ -592,17 +585,6 @@ def _repair(path: str) -> None:
             data = f.read()
             if data and not data.endswith(b"\n"):
                 f.truncate(data.rfind(b"\n") + 1)
-
-
-def _number(v: str):
-    if v in ("True", "False"):
-        return v == "True"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
 
 
 def _versions() -> dict:
@@ -680,7 +662,7 @@ def sweep(out_dir: str) -> list[dict]:
 
 def write_json(out_dir: str) -> str:
     rows = [
-        {k: _number(v) if v != "" else None for k, v in r.items()}
+        {k: number(v) if v != "" else None for k, v in r.items()}
         for r in read_rows(os.path.join(out_dir, "scaling.csv"))
     ]
     flag_names = [f.name for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])]
@@ -707,117 +689,13 @@ def write_json(out_dir: str) -> str:
     return path
 
 
-# ------------------------------------------------------------------------------------------------ plots
-
-
-def plot(out_dir: str, roofline_device: str = "H100") -> list[str]:
-    """``roofline.png`` and ``throughput_vs_devices.png`` from ``out_dir/scaling.csv`` (only the CSV is read)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    rows = [{k: _number(v) for k, v in r.items()} for r in read_rows(os.path.join(out_dir, "scaling.csv"))]
-    rows = [r for r in rows if r["status"] == "ok"]
-    timed = [r for r in rows if isinstance(r.get("step_s"), float)]
-    models = sorted({r["model"] for r in rows})
-    plans = sorted({r["plan"] for r in rows})
-    colour = {m: f"C{i}" for i, m in enumerate(models)}
-    marker = {p: "osD^v<>ph*X"[i % 11] for i, p in enumerate(plans)}
-    phase_marker = {"prefill": "o", "decode": "s", "train": "^"}
-
-    # Roofline, per device: achieved (timed rows) or XLA's estimate (the bound at the row's intensity).
-    kind = timed[0]["device_kind"] if timed else roofline_device
-    peak, bandwidth = (timed[0]["peak_tflops"], timed[0]["bandwidth_tbs"]) if timed else peaks(kind)
-    fig, ax = plt.subplots(figsize=(8, 5.5))
-    points = []
-    for r in timed or rows:
-        flops = r["xla_flops_fit"] if isinstance(r.get("xla_flops_fit"), float) else r["xla_flops"]
-        nbytes = r["xla_bytes_fit"] if isinstance(r.get("xla_bytes_fit"), float) else r["xla_bytes"]
-        if not (flops > 0 and nbytes > 0):
-            continue
-        ai = flops / nbytes
-        y = r["tflops_per_device"] * 1e12 if timed else min(peak * 1e12, ai * bandwidth * 1e12)
-        points.append((ai, y))
-        ax.scatter(ai, y, c=colour[r["model"]], marker=phase_marker.get(r["phase"], "x"), s=28, alpha=0.8)
-    if points:
-        lo = min(p[0] for p in points) / 4
-        hi = max(max(p[0] for p in points) * 4, 4 * peak / bandwidth)
-        xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-        ax.plot(xs, [min(peak * 1e12, x * bandwidth * 1e12) for x in xs], "k-", lw=1.5)
-        ax.axhline(peak * 1e12, color="k", ls=":", lw=0.8)
-        ax.text(lo * 1.1, peak * 1e12 * 1.08, f"compute {peak:g} TFLOP/s", fontsize=8)
-        ax.text(lo * 1.1, lo * bandwidth * 1e12 * 1.5, f"bandwidth {bandwidth:g} TB/s", fontsize=8, rotation=20)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("arithmetic intensity (XLA flops / bytes accessed per device, depth-fitted)")
-    ax.set_ylabel("FLOP/s per device" + (" (achieved, MaxText FLOPs)" if timed else " (estimated)"))
-    title = f"Roofline, {kind}" + ("" if timed else ": XLA cost-analysis estimates on simulated devices, no timings")
-    ax.set_title(title, fontsize=10)
-    handles = [plt.Line2D([], [], color=colour[m], marker="o", ls="", label=m) for m in models]
-    handles += [plt.Line2D([], [], color="grey", marker=mk, ls="", label=ph) for ph, mk in phase_marker.items()]
-    ax.legend(handles=handles, fontsize=7, loc="lower right")
-    ax.grid(True, which="both", alpha=0.2)
-    fig.tight_layout()
-    roof = os.path.join(out_dir, "roofline.png")
-    fig.savefig(roof, dpi=120)
-    plt.close(fig)
-
-    # Throughput (timed) or per-device memory and compile time (CPU) against the device count, by plan.
-    phases = [p for p in PHASES if any(r["phase"] == p for r in rows)] or ["prefill"]
-    panels = (
-        [("tokens_per_s", "tokens/s")] if timed else [("peak_gb", "peak GB per device"), ("compile_s", "compile s")]
-    )
-    fig, axes = plt.subplots(len(panels), len(phases), figsize=(4.2 * len(phases), 3.6 * len(panels)), squeeze=False)
-    for j, phase in enumerate(phases):
-        for i, (col, label) in enumerate(panels):
-            ax = axes[i][j]
-            for r in timed or rows:
-                if r["phase"] == phase and isinstance(r.get(col), float | int):
-                    jitter = 1 + 0.04 * (plans.index(r["plan"]) - len(plans) / 2)
-                    ax.scatter(r["devices"] * jitter, r[col], c=colour[r["model"]], marker=marker[r["plan"]], s=24)
-            if col == "peak_gb":  # the per-device budgets the rows were judged against (memory_plan's 90%)
-                for budget in sorted({r["budget_gb"] for r in rows if isinstance(r.get("budget_gb"), float)}):
-                    ax.axhline(budget, color="r", ls="--", lw=0.8)
-                    ax.text(
-                        0.02,
-                        budget * 1.05,
-                        f"budget {budget:g} GB",
-                        color="r",
-                        fontsize=7,
-                        transform=ax.get_yaxis_transform(),
-                    )
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            counts = sorted({r["devices"] for r in rows})
-            ax.set_xticks(counts, [str(c) for c in counts])
-            ax.set_xlim(min(counts) / 1.6, max(counts) * 1.6)
-            ax.yaxis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-            ax.yaxis.set_minor_formatter(ticker.FormatStrFormatter("%g"))
-            ax.tick_params(axis="y", which="minor", labelsize=6)
-            ax.set_title(f"{phase}: {label}", fontsize=9)
-            ax.set_xlabel("devices")
-            ax.grid(True, which="both", alpha=0.2)
-    handles = [plt.Line2D([], [], color=colour[m], marker="o", ls="", label=m) for m in models]
-    handles += [plt.Line2D([], [], color="grey", marker=marker[p], ls="", label=p) for p in plans]
-    fig.legend(handles=handles, fontsize=7, loc="upper right")
-    what = "measured" if timed else "XLA:CPU AOT on simulated devices: XLA's memory analysis and compile time"
-    fig.suptitle(f"{what} (every batch x seq_len; plans at one device count side by side)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.9, 0.95))
-    thr = os.path.join(out_dir, "throughput_vs_devices.png")
-    fig.savefig(thr, dpi=120)
-    plt.close(fig)
-    return [roof, thr]
-
-
 def main(argv):
     del argv
     out_dir = _OUT_DIR.value
     if not _PLOT_ONLY.value:
         computed = sweep(out_dir)
         print(f"{len(computed)} rows computed; wrote", write_json(out_dir), flush=True)
-    print("wrote", *plot(out_dir, _TARGET.value))
+    print("wrote", *plot(out_dir, _TARGET.value, fallback_peaks=(_PEAK_TFLOPS.value, _BANDWIDTH.value)))
 
 
 if __name__ == "__main__":
