@@ -30,3 +30,28 @@ class CheckpointError(LlamaJaxError, ValueError):
 
 class TokenizerError(LlamaJaxError, ValueError):
     """A tokenizer could not be found or loaded (missing, unreadable or malformed files), or lacks a needed token."""
+
+
+class QuantizedCheckpointError(UnsupportedConfigError):
+    """The checkpoint holds quantized weights (bitsandbytes, GPTQ, AWQ, compressed-tensors, integer tensors, ...).
+
+    llama32_jax reads float checkpoints only; the message says how to obtain one.
+    """
+
+
+class NotAModelConfigError(ConfigError):
+    """A file given as a model configuration is something else (generation or tokenizer config, LFS pointer, ...)."""
+
+
+class UnsafePathError(LlamaJaxError, ValueError):
+    """An output path would overwrite or overlap something that must not be touched (the source, a foreign
+    directory, a file), so nothing was written."""
+
+
+class StorageError(LlamaJaxError, OSError):
+    """Writing an output failed at the operating-system level (disk full, permission denied, read-only file
+    system). Whatever was partially written has been removed."""
+
+
+class TrainingError(LlamaJaxError, RuntimeError):
+    """Training cannot go on: e.g. the loss or gradient was non-finite for several steps in a row."""
