@@ -124,9 +124,15 @@ class Plan:
         return " · ".join(arrays)
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
 def plan_from_dict(data: Mapping[str, Any], name: str) -> Plan:
     """Validate a parsed plan file (``{"mesh": {...}, "rules": {...}}``) into a :class:`Plan`."""
     where = f"sharding plan {name!r}"
+    if not isinstance(data, Mapping):
+        raise PlanError(f"{where}: a plan is a table with [mesh] and [rules], got {type(data).__name__}")
     unknown = set(data) - {"mesh", "rules"}
     if unknown:
         raise PlanError(f"{where}: unknown top-level tables {sorted(unknown)}; a plan has only [mesh] and [rules]")
@@ -137,16 +143,30 @@ def plan_from_dict(data: Mapping[str, Any], name: str) -> Plan:
     if extra:
         raise PlanError(f"{where}: unknown [mesh] keys {sorted(extra)}; valid: shape, axes, devices, hosts")
     shape, axes = mesh.get("shape"), mesh.get("axes")
-    if not isinstance(shape, list) or not shape or not all(isinstance(s, int) and s >= 1 for s in shape):
+    if not isinstance(shape, (list, tuple)) or not shape:
         raise PlanError(f"{where}: mesh.shape must be a non-empty list of positive integers, got {shape!r}")
-    if not isinstance(axes, list) or len(axes) != len(shape) or not all(isinstance(a, str) and a for a in axes):
-        raise PlanError(f"{where}: mesh.axes must name each of the {len(shape)} mesh dimensions, got {axes!r}")
+    for i, s in enumerate(shape):
+        if not _is_int(s) or s < 1:
+            raise PlanError(
+                f"{where}: mesh.shape must be a non-empty list of positive integers, got {list(shape)!r} "
+                f"(mesh.shape[{i}] = {s!r}, a {type(s).__name__})"
+            )
+    if (
+        not isinstance(axes, (list, tuple))
+        or len(axes) != len(shape)
+        or not all(isinstance(a, str) and a for a in axes)
+    ):
+        raise PlanError(
+            f"{where}: mesh.axes must name each of the {len(shape)} mesh dimensions with a non-empty string, "
+            f"got {axes!r}"
+        )
     if len(set(axes)) != len(axes):
-        raise PlanError(f"{where}: mesh.axes {axes} repeats a name")
+        raise PlanError(f"{where}: mesh.axes {list(axes)} repeats a name")
+    shape, axes = [int(s) for s in shape], list(axes)
     devices, hosts = mesh.get("devices"), mesh.get("hosts", 1)
     if devices is not None and not isinstance(devices, str):
         raise PlanError(f"{where}: mesh.devices must be a device kind string such as 'H100', got {devices!r}")
-    if not isinstance(hosts, int) or hosts < 1 or math.prod(shape) % hosts:
+    if not _is_int(hosts) or hosts < 1 or math.prod(shape) % hosts:
         raise PlanError(f"{where}: mesh.hosts must be a positive divisor of the mesh size, got {hosts!r}")
     rules_in = data.get("rules", {})
     if not isinstance(rules_in, Mapping):
@@ -157,15 +177,16 @@ def plan_from_dict(data: Mapping[str, Any], name: str) -> Plan:
         if logical not in known:
             raise PlanError(f"{where}: rule for unknown logical axis {logical!r}; known: {sorted(known)}")
         target = [target] if isinstance(target, str) else target
-        if not isinstance(target, list) or not all(isinstance(t, str) for t in target):
+        if not isinstance(target, (list, tuple)) or not all(isinstance(t, str) for t in target):
             raise PlanError(f"{where}: rule {logical} must be a mesh axis name or a list of them, got {target!r}")
+        target = list(target)
         bad = [t for t in target if t not in axes]
         if bad:
             raise PlanError(f"{where}: rule {logical} = {target} names {bad}, not axes of the mesh {axes}")
         if len(set(target)) != len(target):
             raise PlanError(f"{where}: rule {logical} = {target} repeats a mesh axis")
         rules.append((logical, tuple(target)))
-    return Plan(name, tuple(shape), tuple(axes), tuple(rules), devices, hosts)
+    return Plan(name, tuple(shape), tuple(axes), tuple(rules), devices, int(hosts))
 
 
 def available_plans() -> list[str]:
@@ -173,26 +194,63 @@ def available_plans() -> list[str]:
     return sorted(p.stem for p in PLAN_DIR.glob("*.toml"))
 
 
-def load_plan(plan: str | os.PathLike | Plan) -> Plan:
-    """A :class:`Plan` from a name in ``sharding/`` (``"tp"``, ``"h100x8"``), a ``.toml`` path, or a Plan."""
+_PLAN_KINDS = "a plan name in sharding/ (one of {names}), a .toml path{or_} a sharding.Plan"
+
+
+def load_plan(plan: str | os.PathLike | Plan, *, what: str = "plan") -> Plan:
+    """A :class:`Plan` from a name in ``sharding/`` (``"tp"``, ``"h100x8"``), a ``.toml`` path, or a Plan.
+
+    ``what`` names the argument in error messages (e.g. ``"mesh"`` for :func:`llama32_jax.load`)."""
     if isinstance(plan, Plan):
         return plan
+    if isinstance(plan, Mesh):
+        raise PlanError(f"{what}: load_plan takes a plan, not a jax Mesh; pass the Mesh to sharding.resolve")
+    if not isinstance(plan, (str, os.PathLike)):
+        valid = _PLAN_KINDS.format(names=available_plans(), or_=" or")
+        raise PlanError(f"{what} must be {valid}; got {type(plan).__name__} {plan!r}")
     path = Path(plan)
+    if not str(plan):
+        raise PlanError(f"{what} is an empty string; valid: {_PLAN_KINDS.format(names=available_plans(), or_=' or')}")
     if path.suffix != ".toml":
-        path = PLAN_DIR / f"{plan}.toml"
-        if not path.is_file():
-            raise PlanError(f"no sharding plan named {str(plan)!r}; available: {available_plans()} (or a .toml path)")
+        named = PLAN_DIR / f"{path.name}.toml"
+        if path.name == str(plan) and named.is_file():
+            path = named
+        else:
+            hint = " (a plan file's name must end in .toml)" if path.is_file() else " (or a .toml path)"
+            raise PlanError(f"{what}: no sharding plan named {str(plan)!r}; available: {available_plans()}{hint}")
+    if path.is_dir():
+        raise PlanError(f"{what}: sharding plan path {str(path)!r} is a directory, not a .toml plan file")
     if not path.is_file():
-        raise PlanError(f"sharding plan file {str(path)!r} does not exist")
+        raise PlanError(
+            f"{what}: sharding plan file {str(path)!r} does not exist; named plans available: {available_plans()}"
+        )
     try:
-        data = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PlanError(f"{what}: cannot read sharding plan file {str(path)!r}: {e.strerror or e}") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PlanError(
+            f"{what}: sharding plan file {str(path)!r} is not UTF-8 text (byte {raw[e.start]:#04x} on line {line}, "
+            f"offset {e.start}); a plan is a TOML file"
+        ) from e
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise PlanError(f"sharding plan {str(path)!r} is not valid TOML: {e}") from e
-    return plan_from_dict(data, path.stem)
+        raise PlanError(f"{what}: sharding plan {str(path)!r} is not valid TOML: {e}") from e
+    try:
+        return plan_from_dict(data, path.stem)
+    except PlanError as e:
+        raise PlanError(f"{what}: in file {str(path)!r}: {e}") from None
 
 
-def make_mesh(plan: Plan, devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(plan: str | os.PathLike | Plan, devices: Sequence[Any] | None = None) -> Mesh:
     """The plan's mesh over ``devices`` (default: the first ``plan.size`` of ``jax.devices()``, all hosts')."""
+    plan = load_plan(plan)
+    if devices is not None and (isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence)):
+        raise PlanError(f"devices must be a sequence of jax devices, got {type(devices).__name__}")
     devices = list(jax.devices() if devices is None else devices)
     if len(devices) < plan.size:
         raise PlanError(
@@ -343,6 +401,8 @@ def shard_model(model: nnx.Module, plan: str | os.PathLike | Plan, mesh: Mesh | 
     on it and its attention modules, so its calls constrain activations, caches and cross-attention inputs and
     run Pallas attention kernels per device. Returns the same module."""
     plan = load_plan(plan)
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise PlanError(f"mesh must be a jax.sharding.Mesh or None (the plan's own mesh), got {type(mesh).__name__}")
     mesh = make_mesh(plan) if mesh is None else mesh
     if tuple(mesh.axis_names) != plan.mesh_axes or tuple(mesh.devices.shape) != plan.mesh_shape:
         raise PlanError(f"mesh {dict(mesh.shape)} does not match plan {plan.name!r} ({plan.mesh_dict})")
@@ -395,11 +455,18 @@ def plan_for_mesh(mesh: Mesh) -> Plan:
     return plan_from_dict({"mesh": {"shape": shape, "axes": list(mesh.axis_names)}, "rules": rules}, "mesh")
 
 
-def resolve(plan_or_mesh: str | os.PathLike | Plan | Mesh) -> tuple[Plan, Mesh]:
-    """``(plan, mesh)`` from a plan (name, path, Plan; mesh over the first devices) or a ``Mesh``."""
+def resolve(plan_or_mesh: str | os.PathLike | Plan | Mesh, *, what: str = "mesh") -> tuple[Plan, Mesh]:
+    """``(plan, mesh)`` from a plan (name, path, Plan; mesh over the first devices) or a ``Mesh``.
+
+    Anything else raises :class:`PlanError` naming the argument (``what``) and the valid kinds."""
     if isinstance(plan_or_mesh, Mesh):
         return plan_for_mesh(plan_or_mesh), plan_or_mesh
-    plan = load_plan(plan_or_mesh)
+    if not isinstance(plan_or_mesh, (str, os.PathLike, Plan)):
+        valid = _PLAN_KINDS.format(names=available_plans(), or_=",")
+        raise PlanError(
+            f"{what} must be {valid} or a jax.sharding.Mesh; got {type(plan_or_mesh).__name__} {plan_or_mesh!r}"
+        )
+    plan = load_plan(plan_or_mesh, what=what)
     return plan, make_mesh(plan)
 
 
