@@ -16,7 +16,17 @@ from llama32_jax.configs import ModelConfig
 from llama32_jax.distributed import to_host
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.generate import GenerationOutput, generate_tokens, stops_per_sequence
+from llama32_jax.inputs import (
+    check_bool,
+    check_image_lists,
+    check_stream,
+    input_vocab,
+    load_arguments,
+    token_array,
+    token_row,
+)
 from llama32_jax.model import forward, load_params
+from llama32_jax.text_stream import TextStreamer
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
@@ -71,15 +81,9 @@ class Model:
         has ``config.image_token_id`` tokens, which mark where they are), or an
         :class:`~llama32_jax.image.ImageBatch` from :func:`~llama32_jax.image.preprocess`.
         """
-        ids = np.asarray(token_ids)
-        if ids.ndim != 2 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise InvalidInputError(
-                f"token_ids must be a non-empty integer array [batch, length], got {ids.dtype}{list(ids.shape)}"
-            )
-        text = self.config.text
-        vocab = text.vocab_size + (text.n_image_embeddings if self.config.is_vision else 0)
-        if ids.min() < 0 or ids.max() >= vocab:
-            raise InvalidInputError(f"token_ids must lie in [0, {vocab}), got min {ids.min()} max {ids.max()}")
+        ids = token_array(token_ids, input_vocab(self.config))
+        if images is None:
+            check_image_lists(self.config, None, ids.shape[0], ids.tolist())
         if ids.shape[1] > self.config.text.max_position_embeddings:
             raise InvalidInputError(
                 f"{ids.shape[1]} tokens exceed the model context of {self.config.text.max_position_embeddings}"
@@ -93,9 +97,11 @@ class Model:
         from llama32_jax.generate import _encode_images, _tile_mask
         from llama32_jax.image import ImageBatch
 
-        batch = images if isinstance(images, ImageBatch) else self._preprocess_images(images, ids.shape[0])
         if not self.config.is_vision:
             raise InvalidInputError(f"{self.config.name} is a text model; images are not accepted")
+        if not isinstance(images, ImageBatch):
+            check_image_lists(self.config, images, ids.shape[0], ids.tolist())
+        batch = images if isinstance(images, ImageBatch) else self._preprocess_images(images, ids.shape[0])
         tile_mask = _tile_mask(self.config, ids.tolist(), batch, ids.shape[1])
         graphdef, state = nnx.split(self.module)
         dtype = self.module.embed.embedding.dtype
@@ -133,12 +139,20 @@ class Model:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
+        if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+            prompts = list(prompts)
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise InvalidInputError("prompts must be a non-empty list of strings or of token-id lists")
-        batch = self._preprocess_images(images, len(prompts))
+        if all(isinstance(p, (int, np.integer)) for p in prompts):
+            raise InvalidInputError("prompts is a flat list of ints; wrap one prompt's token ids in a list: [[...]]")
+        add_bos = check_bool(add_bos, "add_bos", allow_none=True)
+        check_image_lists(self.config, images, len(prompts))
         ids = [
-            self._model_ids(self._encode_prompt(p, i, add_bos, images=batch is not None)) for i, p in enumerate(prompts)
+            self._model_ids(self._encode_prompt(p, i, add_bos, images=images is not None))
+            for i, p in enumerate(prompts)
         ]
+        check_image_lists(self.config, images, len(prompts), ids)
+        batch = self._preprocess_images(images, len(prompts))
         return self._generate_ids(
             ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch
         )
@@ -167,11 +181,19 @@ class Model:
             dialogs = [dialogs]
         if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
             raise InvalidInputError("dialogs must be a non-empty list of messages, or a list of such lists")
+        from llama32_jax.chat_format import dialog_images
+
         fmt = self._get_chat_format()
-        ids = [
-            self._model_ids(fmt.encode_dialog(list(d), add_generation_prompt=True, **format_options)) for d in dialogs
-        ]
-        images = [_dialog_images(d) for d in dialogs]
+        fmt.check_options(format_options)
+        ids, images = [], []
+        for k, d in enumerate(dialogs):
+            try:
+                ids.append(self._model_ids(fmt.encode_dialog(d, add_generation_prompt=True, **format_options)))
+                images.append(dialog_images(d, text_model=None if self.config.is_vision else self.config.name))
+            except InvalidInputError as e:
+                if len(dialogs) == 1:
+                    raise
+                raise InvalidInputError(f"dialog {k}: {e}") from e
         batch = self._preprocess_images(images if any(images) else None, len(dialogs))
         return self._generate_ids(
             ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch
@@ -197,14 +219,20 @@ class Model:
         :class:`~llama32_jax.guard.ModerationError` if the model's answer is not a verdict (e.g. the checkpoint
         is not a guard model). See :mod:`llama32_jax.guard` for the exact prompt.
         """
-        from llama32_jax.guard import DEFAULT_MAX_NEW_TOKENS, ModerationError, build_prompt, parse_verdict
+        from llama32_jax import guard
+        from llama32_jax.guard import ModerationError, parse_verdict
 
         single = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], dict)
         conversations = [conversation] if single else conversation
         if not isinstance(conversations, (list, tuple)) or not conversations:
             raise InvalidInputError("conversation must be a list of messages, or a list of such lists")
-        options = dict(categories=categories, excluded_categories=excluded_categories)
-        prompts = [build_prompt(c, **options) for c in conversations]
+        guard.check_categories(categories, excluded_categories)
+        prompts = []
+        for k, c in enumerate(conversations):
+            try:
+                prompts.append(guard.build_prompt(c, categories=categories, excluded_categories=excluded_categories))
+            except InvalidInputError as e:
+                raise InvalidInputError(str(e) if single else f"conversation {k}: {e}") from None
         images = [list(p.images) for p in prompts]
         for k, found in enumerate(images):
             if found and not self.config.is_vision:
@@ -219,7 +247,7 @@ class Model:
         tokenizer = self._require_tokenizer()
         ids = [self._model_ids(p.token_ids(tokenizer)) for p in prompts]
         batch = self._preprocess_images(images if any(images) else None, len(ids))
-        new = DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
+        new = guard.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
         outs = self._generate_ids(ids, new, 0.0, 0, 1.0, 0, None, False, None, True, batch)
         results = []
         for k, (out, prompt) in enumerate(zip(outs, prompts, strict=True)):
@@ -264,8 +292,8 @@ class Model:
                 if piece:
                     ids += tok.encode(piece, bos=False)
             return ids
-        if isinstance(prompt, (list, tuple, np.ndarray)):
-            return [int(t) for t in prompt]
+        if isinstance(prompt, (list, tuple, np.ndarray)) or hasattr(prompt, "__array__"):
+            return token_row(prompt, f"prompt {i}", input_vocab(self.config))
         raise InvalidInputError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _preprocess_images(self, images, n: int):
@@ -302,7 +330,11 @@ class Model:
     ):
         if stop_ids is None:
             stop_ids = list(self.tokenizer.stop_ids) if self.tokenizer is not None else []
-        on_step = None if stream is None else _TextStreamer(self.tokenizer, stream, len(ids), stop_ids)
+        check_bool(logprobs, "logprobs")
+        check_bool(return_details, "return_details")
+        check_stream(stream, has_tokenizer=self.tokenizer is not None)
+        stop_ids = stops_per_sequence(stop_ids, len(ids), self.config.text.vocab_size)
+        on_step = None if stream is None else TextStreamer(self.tokenizer, stream, len(ids), stop_ids)
         outs = generate_tokens(
             self.module,
             ids,
@@ -331,47 +363,6 @@ class Model:
         )
 
 
-def _dialog_images(dialog) -> list:
-    """The image payloads of a dialog's ``{"type": "image", "image": ...}`` parts, in order."""
-    out = []
-    for message in dialog if isinstance(dialog, (list, tuple)) else []:
-        content = message.get("content") if isinstance(message, dict) else None
-        for part in content if isinstance(content, (list, tuple)) else []:
-            if isinstance(part, dict) and part.get("type") == "image":
-                if "image" not in part:
-                    raise InvalidInputError('an image part needs its image: {"type": "image", "image": <PIL image>}')
-                out.append(part["image"])
-    return out
-
-
-class _TextStreamer:
-    """Turns per-step token arrays into text deltas per prompt (holding back incomplete UTF-8 sequences)."""
-
-    def __init__(self, tokenizer, callback, n: int, stop_ids):
-        self.tokenizer, self.callback = tokenizer, callback
-        self.stops = [set(s) for s in stops_per_sequence(stop_ids, n)]
-        self.tokens: list[list[int]] = [[] for _ in range(n)]
-        self.sent = [""] * n
-        self.finished = [False] * n
-
-    def __call__(self, step: int, tokens: np.ndarray, done: np.ndarray) -> None:
-        for i, (tok, was_done) in enumerate(zip(tokens.tolist(), done.tolist(), strict=True)):
-            if was_done or self.finished[i]:
-                continue
-            if tok in self.stops[i]:
-                self.finished[i] = True
-                continue
-            self.tokens[i].append(tok)
-            if self.tokenizer is None:
-                continue
-            text = self.tokenizer.decode(self.tokens[i])
-            if text.endswith("\ufffd"):
-                continue  # a multi-byte character is not complete yet
-            delta, self.sent[i] = text[len(self.sent[i]) :], text
-            if delta:
-                self.callback(i, delta)
-
-
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -393,6 +384,7 @@ def load(
     attention_impl: str = "auto",
     *,
     scan_layers: bool = False,
+    **unknown: Any,
 ) -> Model:
     """Load a checkpoint into a :class:`Model`.
 
@@ -410,11 +402,14 @@ def load(
     ``tensor``. A converted checkpoint is restored straight into the plan's shardings (each host reads only its
     shards); other formats are read on the host, then placed. The model's calls then keep activations, the KV
     cache and the cross-attention inputs on the plan.
+
+    Bad arguments raise :class:`~llama32_jax.errors.InvalidInputError` naming them (``path`` not a str/PathLike or
+    empty, an unknown ``dtype`` -- a name in ``DTYPES`` or the matching dtype object --, ``attention_impl``,
+    ``scan_layers`` not a bool, unknown keywords); ``~`` in ``path`` is expanded.
     """
-    if dtype not in DTYPES:
-        raise InvalidInputError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if attention_impl not in ATTENTION_IMPLS:
-        raise InvalidInputError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    path, dtype = load_arguments(
+        path, dtype, attention_impl, scan_layers, unknown, dtypes=DTYPES, attention_impls=ATTENTION_IMPLS
+    )
     placement = None
     if mesh is not None:
         from llama32_jax import sharding

@@ -60,7 +60,9 @@ def knowledge_date_preamble(date: _dt.date) -> str:
     )
 
 
-def _check_messages(messages: Any) -> Sequence[Mapping[str, Any]]:
+def _check_messages(messages: Any, *, template: bool = False) -> Sequence[Mapping[str, Any]]:
+    """The dialog's shape: a non-empty list of dicts, each with a string role and content (a str or a list of parts;
+    templates also take None, as for tool calls), a system message only first."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise InvalidInputError(f"messages must be a list of message dicts, got {type(messages).__name__}")
     if not messages:
@@ -70,7 +72,25 @@ def _check_messages(messages: Any) -> Sequence[Mapping[str, Any]]:
             raise InvalidInputError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(m).__name__}")
         if not isinstance(m.get("role"), str):
             raise InvalidInputError(f"messages[{i}] needs a string 'role', got {m.get('role')!r}")
+        if m["role"] == "system" and i > 0:
+            raise InvalidInputError(f"messages[{i}] is a system message; a system message may only come first")
+        if "content" not in m and not (template and "tool_calls" in m):
+            raise InvalidInputError(f"messages[{i}] has no 'content'")
+        content = m.get("content")
+        if template and content is not None and not isinstance(content, str):
+            if not isinstance(content, (list, tuple)) or not all(isinstance(p, Mapping) for p in content):
+                raise InvalidInputError(
+                    f"messages[{i}]['content'] must be a str or a list of part dicts, got {type(content).__name__}"
+                )
+        elif not template:
+            _content_parts(i, content)
     return messages
+
+
+def _check_options(options: Mapping[str, Any], valid: Sequence[str], what: str) -> None:
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise InvalidInputError(f"unknown chat option(s) {unknown} for {what}; valid options are {list(valid)}")
 
 
 def _content_parts(i: int, content: Any) -> list[str | None]:
@@ -100,6 +120,29 @@ def _content_parts(i: int, content: Any) -> list[str | None]:
     )
 
 
+def dialog_images(messages: Any, *, text_model: str | None = None) -> list:
+    """The image payloads of a dialog's ``{"type": "image", "image": ...}`` parts, in order.
+
+    ``text_model``: the name of a text-only model, for which any image part is an error naming the message."""
+    out = []
+    for i, message in enumerate(messages if isinstance(messages, (list, tuple)) else []):
+        content = message.get("content") if isinstance(message, Mapping) else None
+        for j, part in enumerate(content if isinstance(content, (list, tuple)) else []):
+            if isinstance(part, Mapping) and part.get("type") == "image":
+                if text_model is not None:
+                    raise InvalidInputError(
+                        f"messages[{i}]['content'][{j}] is an image, but {text_model} is a text model; images need "
+                        "a Llama 3.2 Vision model"
+                    )
+                if part.get("image") is None:
+                    raise InvalidInputError(
+                        f"messages[{i}]['content'][{j}] is an image part without its image: "
+                        '{"type": "image", "image": <PIL image, uint8 array or path>}'
+                    )
+                out.append(part["image"])
+    return out
+
+
 class Llama3ChatFormat:
     """Meta's Llama 3 chat format over any tokenizer that has the Llama 3 special tokens (Meta's or HF's)."""
 
@@ -114,6 +157,12 @@ class Llama3ChatFormat:
         newlines = tokenizer.encode("\n\n")
         # Meta encodes the role name as text: "ipython" is two tokens, the others one.
         self._headers = {role: [self._start, *tokenizer.encode(role), self._end, *newlines] for role in ROLES}
+
+    options = ("system_date",)  # keyword options of encode_dialog besides add_generation_prompt
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse keyword options this format does not have (``Model.chat(**options)``), listing the valid ones."""
+        _check_options(options, self.options, "the Llama 3 chat format")
 
     def _special(self, name: str, why: str) -> int:
         tid = self.tokenizer.token_to_id(name)
@@ -151,7 +200,10 @@ class Llama3ChatFormat:
         role = message.get("role")
         if not isinstance(role, str):
             raise InvalidInputError(f"{where} needs a string 'role', got {role!r}")
-        ids = self.encode_header(role)
+        try:
+            ids = self.encode_header(role)
+        except InvalidInputError as e:
+            raise InvalidInputError(f"{where}: {e}") from None
         stop, python_tag = message.get("stop_reason"), message.get("python_tag", False)
         if stop is not None and stop not in _STOP_REASONS:
             raise InvalidInputError(
@@ -217,9 +269,22 @@ class TemplateChatFormat:
         self.tokenizer = tokenizer
         self.chat_template = template
         try:
-            self._template = _jinja_env().from_string(template)
+            env = _jinja_env()
+            self._template = env.from_string(template)
+            variables = _jinja2_meta().find_undeclared_variables(env.parse(template))
         except Exception as e:  # jinja2.TemplateSyntaxError and friends
             raise TokenizerError(f"the chat template of {tokenizer!r} does not compile: {e}") from e
+        # The variables a caller may set: those the template reads, except the ones render() always passes.
+        self.template_vars = tuple(sorted(variables - {"messages", "add_generation_prompt", "raise_exception"}))
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Keyword options of ``encode_dialog`` / ``render`` besides ``add_generation_prompt``."""
+        return ("system_date", *self.template_vars)
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse options the template never reads (they would be ignored silently), listing the valid ones."""
+        _check_options(options, self.options, "this chat template")
 
     def _special_token_vars(self) -> dict[str, str]:
         out = {}
@@ -246,7 +311,8 @@ class TemplateChatFormat:
         """
         import jinja2
 
-        messages = [{k: v for k, v in m.items() if v is not None} for m in _check_messages(messages)]
+        self.check_options(template_vars)
+        messages = [{k: v for k, v in m.items() if v is not None} for m in _check_messages(messages, template=True)]
         for i, m in enumerate(messages):
             if m["role"] not in TEMPLATE_ROLES:
                 valid = ", ".join(repr(r) for r in TEMPLATE_ROLES)
@@ -276,6 +342,12 @@ class TemplateChatFormat:
             messages, add_generation_prompt=add_generation_prompt, system_date=system_date, **template_vars
         )
         return self.tokenizer.encode(text, allow_special=True)
+
+
+def _jinja2_meta() -> Any:
+    import jinja2.meta
+
+    return jinja2.meta
 
 
 def _jinja_env() -> Any:

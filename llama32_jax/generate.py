@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +29,15 @@ from jax.experimental import io_callback
 from llama32_jax.cache import KVCache
 from llama32_jax.distributed import to_host
 from llama32_jax.errors import InvalidInputError
+from llama32_jax.inputs import (
+    check_bool,
+    check_image_counts,
+    input_vocab,
+    max_new_tokens_list,
+    sampling_lists,
+    stop_lists,
+    token_rows,
+)
 
 MIN_BUCKET = 16
 
@@ -122,11 +132,15 @@ def _prefill(graphdef, state, tokens, start, cross=None, *, cache_len: int, cach
     static_argnames=("graphdef", "max_steps", "stochastic", "filtered", "stream"),
     donate_argnames=("cache",),
 )
-def _decode(graphdef, state, logits, cache, s: SamplingState, cross=None, *, max_steps, stochastic, filtered, stream):
+def _decode(
+    graphdef, state, logits, cache, s: SamplingState, cross=None, stream_key=None, *, max_steps, stochastic, filtered,
+    stream: bool,
+):  # fmt: skip
     """Sample, feed back, repeat: tokens ``[B, max_steps]``, logprobs, lengths; exits when all sequences stop.
 
     The final cache is returned (and dropped by the caller) so that XLA can alias it to the donated input: the
-    loop then updates the one cache buffer in place.
+    loop then updates the one cache buffer in place. ``stream``: call the host callback numbered ``stream_key``
+    (:class:`_HostCallback`) with every step's tokens.
     """
     model = nnx.merge(graphdef, state)
     b = logits.shape[0]
@@ -135,8 +149,8 @@ def _decode(graphdef, state, logits, cache, s: SamplingState, cross=None, *, max
         return jnp.any(tok[:, None] == s.stop_ids, axis=-1)
 
     def emit(step, tok, done):
-        if stream is not None:
-            io_callback(stream, None, step, tok, done, ordered=True)
+        if stream:
+            io_callback(_dispatch, None, stream_key, step, tok, done, ordered=True)
 
     tok = sample(logits, s, jnp.int32(0), stochastic=stochastic, filtered=filtered)
     out = jnp.zeros((b, max_steps), jnp.int32).at[:, 0].set(tok)
@@ -167,46 +181,10 @@ def _decode(graphdef, state, logits, cache, s: SamplingState, cross=None, *, max
     return out, lps, lengths, cache
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _per_sequence(value, n: int, name: str) -> list:
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise InvalidInputError(
-                f"{name} has {len(value)} entries for {n} prompts; give one value or one per prompt"
-            )
-        return list(value)
-    return [value] * n
-
-
-def stops_per_sequence(stop_ids: Sequence[int] | Sequence[Sequence[int]], n: int) -> list[list[int]]:
-    """``stop_ids`` as one list per sequence: it is either one list shared by all ``n`` or ``n`` lists."""
-    nested = len(stop_ids) > 0 and isinstance(stop_ids[0], (list, tuple))
-    stops = [list(x) for x in stop_ids] if nested else [list(stop_ids)] * n
-    if len(stops) != n:
-        raise InvalidInputError(f"stop_ids has {len(stops)} lists for {n} prompts")
-    return stops
-
-
-def _validate(prompts, vocab: int, context: int, max_new: list[int]) -> None:
-    """``vocab``: the number of valid input ids (vision models: the text vocabulary + the image-token rows)."""
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise InvalidInputError("prompts must be a non-empty list of token-id lists")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise InvalidInputError(f"prompt {i} is empty; every prompt needs at least one token")
-        arr = np.asarray(p)
-        if not np.issubdtype(arr.dtype, np.integer) or arr.ndim != 1:
-            raise InvalidInputError(f"prompt {i} must be a flat list of int token ids")
-        if arr.min() < 0 or arr.max() >= vocab:
-            raise InvalidInputError(f"prompt {i} has token ids outside [0, {vocab}): min {arr.min()}, max {arr.max()}")
-        if len(p) + max_new[i] > context:
-            raise InvalidInputError(
-                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new[i]} it exceeds the model context of "
-                f"{context} positions"
-            )
+def stops_per_sequence(stop_ids, n: int, vocab: int | None = None) -> list[list[int]]:
+    """``stop_ids`` as one list per sequence: one id, one list shared by all ``n``, or ``n`` lists (checked; ``vocab``
+    bounds the ids when given). See :func:`llama32_jax.inputs.stop_lists`."""
+    return stop_lists(stop_ids, n, vocab)
 
 
 def generate_tokens(
@@ -235,37 +213,34 @@ def generate_tokens(
     The images are encoded once; which tokens see which image follows Meta (SPEC §4.3): each image from its token
     to the next image token, a single image up to the end, generated tokens included.
     """
-    n = len(prompts) if isinstance(prompts, (list, tuple)) else 0
-    placement = getattr(model, "placement", None)
-    if placement is not None and n and n % placement.plan.batch_shards:
-        # A sharded batch must split evenly: add one-token filler requests, generate, and drop them.
-        return _generate_padded(
-            model, list(prompts), placement.plan.batch_shards, images,
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-            stop_ids=stop_ids, logprobs=logprobs, on_step=on_step, pad_id=pad_id,
-        )  # fmt: skip
     config = model.config
     text = config.text
-    max_new = _per_sequence(max_new_tokens, max(n, 1), "max_new_tokens")
-    if any(not _is_int(m) or m < 1 for m in max_new):
-        raise InvalidInputError(f"max_new_tokens must be an int >= 1, got {max_new_tokens}")
+    prompts = token_rows(prompts, input_vocab(config))
+    n = len(prompts)
+    max_new = max_new_tokens_list(max_new_tokens, n)
+    temps, ks, ps, seeds = sampling_lists(n, text.vocab_size, temperature, top_k, top_p, seed)
+    stops = stop_lists(stop_ids, n, text.vocab_size)
+    check_bool(logprobs, "logprobs")
+    if on_step is not None and not callable(on_step):
+        raise InvalidInputError(f"on_step must be a callable on_step(step, tokens, done) or None, got {on_step!r}")
     if images is not None and not config.is_vision:
         raise InvalidInputError(f"{config.name} is a text model; images are not accepted")
-    n_ids = text.vocab_size + (text.n_image_embeddings if config.is_vision else 0)
-    _validate(prompts, n_ids, text.max_position_embeddings, max_new)
-    temps = [float(t) for t in _per_sequence(temperature, n, "temperature")]
-    ks = _per_sequence(top_k, n, "top_k")
-    ps = [float(p) for p in _per_sequence(top_p, n, "top_p")]
-    seeds = _per_sequence(seed, n, "seed")
-    if any(not math.isfinite(t) or t < 0 for t in temps):
-        raise InvalidInputError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-    if any(not _is_int(k) or k < 0 for k in ks):
-        raise InvalidInputError(f"top_k must be an int >= 0 (0 = off), got {top_k}")
-    if any(not 0.0 < p <= 1.0 for p in ps):
-        raise InvalidInputError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-    if any(not _is_int(s) for s in seeds):
-        raise InvalidInputError(f"seed must be an int, got {seed}")
-    stops = stops_per_sequence(stop_ids, n)
+    if images is None and config.is_vision:
+        check_image_counts(prompts, config.image_token_id, [0] * n)
+    for i, p in enumerate(prompts):
+        if len(p) + max_new[i] > text.max_position_embeddings:
+            raise InvalidInputError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new[i]} it exceeds the model context of "
+                f"{text.max_position_embeddings} positions"
+            )
+    placement = getattr(model, "placement", None)
+    if placement is not None and n % placement.plan.batch_shards:
+        # A sharded batch must split evenly: add one-token filler requests, generate, and drop them.
+        return _generate_padded(
+            model, prompts, placement.plan.batch_shards, images,
+            max_new_tokens=max_new, temperature=temps, top_k=ks, top_p=ps, seed=seeds,
+            stop_ids=stops, logprobs=logprobs, on_step=on_step, pad_id=pad_id,
+        )  # fmt: skip
 
     lengths = [len(p) for p in prompts]
     width = bucket(max(lengths))
@@ -286,7 +261,7 @@ def generate_tokens(
         temperature=jnp.asarray(temps, jnp.float32),
         top_k=jnp.asarray(ks, jnp.int32),
         top_p=jnp.asarray(ps, jnp.float32),
-        keys=jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds]),
+        keys=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
         stop_ids=jnp.asarray(stop_arr),
         max_new=jnp.asarray(max_new, jnp.int32),
     )
@@ -307,20 +282,25 @@ def generate_tokens(
     )
     stochastic = any(t > 0 for t in temps)
     filtered = stochastic and any(k > 0 or p < 1.0 for k, p, t in zip(ks, ps, temps, strict=True) if t > 0)
-    stream = None if on_step is None else _HostCallback(on_step)
-    out, lps, gen_lengths, _ = _decode(
-        graphdef,
-        state,
-        logits,
-        cache,
-        state_s,
-        cross,
-        max_steps=steps,
-        stochastic=stochastic,
-        filtered=filtered,
-        stream=stream,
-    )
-    out, lps, gen_lengths = to_host(out), to_host(lps), to_host(gen_lengths)  # gathered across hosts if sharded
+    host = _HostCallback(on_step)
+    with host:
+        out, lps, gen_lengths, _ = _decode(
+            graphdef,
+            state,
+            logits,
+            cache,
+            state_s,
+            cross,
+            jnp.int32(host.key),
+            max_steps=steps,
+            stochastic=stochastic,
+            filtered=filtered,
+            stream=on_step is not None,
+        )
+        out, lps, gen_lengths = to_host(out), to_host(lps), to_host(gen_lengths)  # gathered across hosts if sharded
+        if on_step is not None:
+            jax.effects_barrier()  # every callback of this request has run
+    host.reraise()
     results = []
     for i in range(n):
         toks = out[i, : gen_lengths[i]].tolist()
@@ -394,16 +374,48 @@ def _tile_mask(config, prompts, images, length: int) -> np.ndarray:
 
 
 class _HostCallback:
-    """Wraps a user callback so jit can treat it as static (hash/eq by identity of the wrapped function)."""
+    """A user's ``on_step`` as called from the device loop.
+
+    The compiled loop calls :func:`_dispatch` with a request number (a traced argument, so one compiled program
+    serves every callback); the number selects this wrapper in ``_ACTIVE``. If the user's function raises, the
+    exception is kept, the function is not called again, and the loop runs to its end (at most ``max_new_tokens``
+    steps); :func:`generate_tokens` then re-raises the user's own exception object. An exception escaping into
+    XLA would instead surface as an opaque ``JaxRuntimeError: INTERNAL``.
+    """
+
+    _next = itertools.count(1)
 
     def __init__(self, fn):
-        self.fn = fn
+        self.fn = fn  # None: no streaming (the loop then makes no calls)
+        self.error: BaseException | None = None
+        self.key = next(self._next) % (2**31 - 1)
 
     def __call__(self, step, tokens, done):
-        self.fn(int(step), np.asarray(tokens), np.asarray(done))
+        if self.error is not None or self.fn is None:
+            return
+        try:
+            self.fn(int(step), np.asarray(tokens), np.asarray(done))
+        except BaseException as e:  # re-raised by generate_tokens, on the caller's thread
+            self.error = e
 
-    def __hash__(self):
-        return hash(self.fn)
+    def __enter__(self):
+        _ACTIVE[self.key] = self
+        return self
 
-    def __eq__(self, other):
-        return isinstance(other, _HostCallback) and other.fn is self.fn
+    def __exit__(self, *exc):
+        _ACTIVE.pop(self.key, None)
+        return False
+
+    def reraise(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
+_ACTIVE: dict[int, _HostCallback] = {}
+
+
+def _dispatch(key, step, tokens, done) -> None:
+    callback = _ACTIVE.get(int(key))
+    if callback is not None:
+        callback(step, tokens, done)

@@ -153,6 +153,29 @@ def _parts(i: int, content: Any) -> tuple[list[str], list[Any]]:
     return texts, images
 
 
+def check_categories(categories: Any, excluded_categories: Any) -> dict[str, str]:
+    """The categories the prompt lists: ``categories`` (default: the 13 hazards) without ``excluded_categories``."""
+    if categories is not None and not isinstance(categories, Mapping):
+        raise InvalidInputError(
+            "categories must be None or a mapping of code -> description (e.g. {'S1': 'Violent Crimes.'}), got "
+            f"{type(categories).__name__}"
+        )
+    cats = dict(HAZARD_CATEGORIES if categories is None else categories)
+    if not cats or not all(isinstance(k, str) and isinstance(v, str) for k, v in cats.items()):
+        raise InvalidInputError("categories must be a non-empty mapping of code -> description strings")
+    if isinstance(excluded_categories, str) or not isinstance(excluded_categories, (list, tuple, set, frozenset)):
+        raise InvalidInputError(
+            f"excluded_categories must be a list of category codes such as ['S6'], got {excluded_categories!r}"
+        )
+    unknown = [c for c in excluded_categories if c not in cats]
+    if unknown:
+        raise InvalidInputError(f"excluded_categories {unknown} are not among the categories {list(cats)}")
+    cats = {k: v for k, v in cats.items() if k not in set(excluded_categories)}
+    if not cats:
+        raise InvalidInputError("excluded_categories removes every category; nothing would be checked")
+    return cats
+
+
 def build_prompt(
     conversation: Sequence[Mapping[str, Any]],
     *,
@@ -166,21 +189,17 @@ def build_prompt(
     ``code: text``). ``excluded_categories`` drops codes from the list without renumbering the rest.
     """
     if isinstance(conversation, Mapping) or not isinstance(conversation, (list, tuple)) or not conversation:
-        raise InvalidInputError("conversation must be a non-empty list of {'role', 'content'} messages")
-    cats = dict(HAZARD_CATEGORIES if categories is None else categories)
-    if not cats or not all(isinstance(k, str) and isinstance(v, str) for k, v in cats.items()):
-        raise InvalidInputError("categories must be a non-empty mapping of code -> description strings")
-    unknown = [c for c in excluded_categories if c not in cats]
-    if unknown:
-        raise InvalidInputError(f"excluded_categories {unknown} are not among the categories {list(cats)}")
-    cats = {k: v for k, v in cats.items() if k not in set(excluded_categories)}
-    if not cats:
-        raise InvalidInputError("excluded_categories removes every category; nothing would be checked")
+        raise InvalidInputError(
+            "conversation must be a non-empty list of {'role', 'content'} messages, got "
+            f"{type(conversation).__name__}"
+        )
+    cats = check_categories(categories, excluded_categories)
 
     paragraphs, images = [], []
     for i, message in enumerate(conversation):
         if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise InvalidInputError(f"message {i} must be a mapping with 'role' and 'content'")
+            got = sorted(message) if isinstance(message, Mapping) else type(message).__name__
+            raise InvalidInputError(f"message {i} must be a mapping with 'role' and 'content', got {got}")
         expected = "user" if i % 2 == 0 else "assistant"
         if message["role"] != expected:
             raise InvalidInputError(

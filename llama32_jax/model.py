@@ -14,6 +14,7 @@ from flax import nnx
 from llama32_jax.cache import KVCache
 from llama32_jax.configs import ModelConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError
+from llama32_jax.inputs import check_concrete_ids, input_vocab, token_array
 from llama32_jax.text import Transformer, check_cache, stack_layers, unstack_layers
 
 
@@ -115,12 +116,22 @@ def forward(
 ) -> tuple[jax.Array, KVCache | None]:
     """Jitted ``model(tokens, cache)``: compiled once per (model structure, shapes), validated before tracing.
 
+    ``tokens``: integer ids ``[batch, length]`` in ``[0, vocab)`` (a vision model's image-token rows included).
+    The range is checked when the values are known: host arrays (numpy, lists) on the host, concrete JAX arrays
+    with one small reduction on their device. Traced tokens (``forward`` called inside ``jit``) are not checked,
+    so compiled code pays nothing; there an out-of-range id gives NaN logits.
+
     ``cross``: a vision model's encoded images (:meth:`~llama32_jax.mllama.Mllama.cross_inputs`), or None."""
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    if not isinstance(tokens, jax.Array):
+        if isinstance(tokens, (list, tuple)):  # element by element: bools and floats are refused, not converted
+            tokens = token_array(tokens, input_vocab(model.config), name="tokens")
+        tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
         raise InvalidInputError(
             f"tokens must be an integer array [batch, length], got {tokens.dtype}{list(tokens.shape)}"
         )
+    check_concrete_ids(tokens, input_vocab(model.config))
+    tokens = jnp.asarray(tokens)
     if cache is not None:
         check_cache(cache, model.config, tokens.shape[0], tokens.shape[1])
     graphdef, state = nnx.split(model)

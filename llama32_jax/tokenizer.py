@@ -83,14 +83,24 @@ def split_long_runs(text: str, max_run: int = _MAX_RUN_CHARS) -> Iterator[str]:
 
 
 def _as_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    if isinstance(ids, (str, bytes)):
+        raise InvalidInputError(f"token ids must be a sequence of integers, got {type(ids).__name__} {ids[:40]!r}")
     try:
         out = [operator.index(i) for i in ids]
     except TypeError as e:
         raise InvalidInputError(f"token ids must be a sequence of integers, got {type(ids).__name__}: {e}") from e
+    flags = [i for i in ids if isinstance(i, bool)]
+    if flags:
+        raise InvalidInputError(f"token ids must be integers, not bools, got {flags[:5]}")
     bad = [i for i in out if not 0 <= i < vocab_size]
     if bad:
         raise InvalidInputError(f"token ids must lie in [0, {vocab_size}), got {bad[:5]}")
     return out
+
+
+def _check_token_str(token: Any) -> None:
+    if not isinstance(token, str):
+        raise InvalidInputError(f"token must be a str (e.g. '<|eot_id|>'), got {type(token).__name__} {token!r}")
 
 
 @runtime_checkable
@@ -218,6 +228,7 @@ class LlamaTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a special-token name, or of a string that is exactly one vocabulary entry; else None."""
+        _check_token_str(token)
         if token in self.special_tokens:
             return self.special_tokens[token]
         try:
@@ -395,6 +406,7 @@ class HFTokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary or added-token string (as spelled in tokenizer.json), or None."""
+        _check_token_str(token)
         return self.backend.token_to_id(token)
 
     def id_to_piece(self, token_id: int) -> str:
