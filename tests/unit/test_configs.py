@@ -92,6 +92,13 @@ def test_params_json_rope_factor_rules():
         from_params_json({**META_1B, "use_scaled_rope": False}, rope_factor=32)
 
 
+def test_params_json_rope_scaling_factor_is_read():
+    assert from_params_json({**META_1B, "rope_scaling_factor": 32}).text == LLAMA_3_2_1B.text
+    assert from_params_json({**META_1B, "rope_scaling_factor": 16}).text.rope_scaling.factor == 16.0
+    with pytest.raises(ConfigError, match="rope_factor=32 was given but params.json says rope_scaling_factor=16"):
+        from_params_json({**META_1B, "rope_scaling_factor": 16}, rope_factor=32)
+
+
 def test_params_json_nested_cross_attention_count():
     params = {k: v for k, v in META_11B.items() if k != "vision_num_cross_attention_layers"}
     params["vision_model"] = {"cross_attention_adapter": {"num_layers": 8}}
@@ -101,7 +108,10 @@ def test_params_json_nested_cross_attention_count():
 @pytest.mark.parametrize(
     "change,error,match",
     [
-        ({"rope_scaling_factor": 32}, ConfigError, "unknown field"),
+        # Llama 4's QK norm would change the computation: an unknown field is refused, naming it.
+        ({"use_qk_norm": True}, ConfigError, r"unknown field\(s\) \['use_qk_norm'\]"),
+        # tt-metal's rope_scaling_factor is read, and refused when it contradicts the file or the caller.
+        ({"use_scaled_rope": False, "rope_scaling_factor": 8}, ConfigError, "use_scaled_rope=false"),
         ({"quantization_args": {"group_size": 256}}, UnsupportedConfigError, "quantization_args"),
         ({"lora_args": {"rank": 16, "scale": 2.0}}, UnsupportedConfigError, "lora_args"),
         ({"dim": "2048"}, ConfigError, "'dim' must be int"),
@@ -174,7 +184,8 @@ def test_hf_config_legacy_spelling():
         ({"rope_scaling": {"rope_type": "llama3", "factor": 32.0}}, ConfigError, "'low_freq_factor' is missing"),
         ({"attention_bias": True}, UnsupportedConfigError, "attention_bias"),
         ({"hidden_act": "gelu"}, UnsupportedConfigError, "hidden_act"),
-        ({"sliding_window": 4096}, ConfigError, "unknown field"),
+        ({"sliding_window": 4096}, UnsupportedConfigError, "'sliding_window'=4096 is not supported"),
+        ({"attn_logit_softcapping": 50.0}, ConfigError, r"unknown field\(s\) \['attn_logit_softcapping'\]"),
         ({"model_type": "mistral"}, UnsupportedConfigError, "model_type 'mistral'"),
         ({"rope_parameters": {"rope_type": "default", "rope_theta": 1.0}}, ConfigError, "both"),
         ({"rope_theta": None}, ConfigError, "rope_theta"),
