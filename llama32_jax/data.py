@@ -126,6 +126,14 @@ def _template_spans(fmt: TemplateChatFormat, messages: Sequence[Mapping[str, Any
     return tokens, mask
 
 
+def _check_tokenizer(tokenizer: Any) -> None:
+    if not isinstance(tokenizer, Tokenizer):
+        raise InvalidInputError(
+            f"tokenizer must be a llama32_jax tokenizer (LlamaTokenizer, HFTokenizer or lj.load(...).tokenizer), "
+            f"got {type(tokenizer).__name__}"
+        )
+
+
 def encode_example(
     example: Any, tokenizer: Tokenizer, *, chat_format: ChatFormat | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +145,7 @@ def encode_example(
     template writes after the assistant header up to the end of that turn. An example without any trained token (a
     dialog with no assistant turn) is an error: it is almost always a data mistake, and it would only waste compute.
     """
+    _check_tokenizer(tokenizer)
     messages = _messages_of(example)
     if messages is None:
         bos = bool(getattr(tokenizer, "add_bos", True)) and tokenizer.bos_id is not None
@@ -279,18 +288,27 @@ class JsonlSource:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not os.fspath(path):
+            raise InvalidInputError(
+                "the JSONL path is an empty string; give the path of a file with one example a line"
+            )
         self.path = Path(path)
+        if self.path.is_dir():
+            raise InvalidInputError(f"JSONL path {self.path} is a directory; give a file with one example per line")
         if not self.path.is_file():
             raise InvalidInputError(f"JSONL file not found: {self.path} (expected a file with one example per line)")
         starts, ends, lines = [], [], []
         offset = 0
-        with open(self.path, "rb") as f:
-            for lineno, line in enumerate(f, start=1):
-                if line.strip():
-                    starts.append(offset)
-                    ends.append(offset + len(line))
-                    lines.append(lineno)
-                offset += len(line)
+        try:
+            with open(self.path, "rb") as f:
+                for lineno, line in enumerate(f, start=1):
+                    if line.strip():
+                        starts.append(offset)
+                        ends.append(offset + len(line))
+                        lines.append(lineno)
+                    offset += len(line)
+        except OSError as e:
+            raise InvalidInputError(f"cannot read JSONL file {self.path}: {e.strerror or e}") from e
         self._starts, self._ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
         self._lines = np.asarray(lines, np.int64)
         self._fd: int | None = None
@@ -309,8 +327,14 @@ class JsonlSource:
         raw = os.pread(self._fd, end - start, start)  # positional read: safe from grain's reader threads
         label = f"{self.path} line {int(self._lines[index])}"
         try:
-            return label, json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidInputError(
+                f"{label} is not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); JSONL files are UTF-8"
+            ) from e
+        try:
+            return label, json.loads(text)
+        except json.JSONDecodeError as e:
             raise InvalidInputError(f"{label} is not valid JSON ({e}); each line must be one JSON example") from e
 
     def __repr__(self) -> str:
@@ -350,6 +374,10 @@ class _Encode:
 
 
 # --------------------------------------------------------------------------------------------- pipeline
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -400,6 +428,12 @@ def make_dataset(
     """
     seq_len = _check_seq_len(seq_len)
     batch_size = _positive_int("batch_size", batch_size)
+    _check_tokenizer(tokenizer)
+    for name, flag in (("shuffle", shuffle), ("shard_by_process", shard_by_process), ("pack", pack)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise InvalidInputError(f"{name} must be True or False, got {flag!r}")
+    if num_packing_bins is not None:
+        num_packing_bins = _positive_int("num_packing_bins", num_packing_bins)
     if num_epochs is not None:
         num_epochs = _positive_int("num_epochs", num_epochs)
     if isinstance(worker_count, bool) or not isinstance(worker_count, int) or worker_count < 0:
@@ -419,9 +453,9 @@ def make_dataset(
         raise InvalidInputError(f"the dataset is empty: {what} holds no examples")
 
     if shard is not None:
-        if not (isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(v, int) for v in shard)):
+        if not (isinstance(shard, tuple) and len(shard) == 2 and all(_is_int(v) for v in shard)):
             raise InvalidInputError(f"shard must be a tuple (index, count) of ints, got {shard!r}")
-        index, count = shard
+        index, count = int(shard[0]), int(shard[1])
     elif shard_by_process:
         opts = grain.sharding.ShardByJaxProcess()
         index, count = opts.shard_index, opts.shard_count

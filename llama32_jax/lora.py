@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llama32_jax import dims
@@ -117,13 +118,28 @@ def add_lora(
     """Attach a LoRA adapter to every projection of ``targets`` (:data:`TARGETS`) in place; returns how many.
 
     The adapters' dtype is the kernels'. Raises :class:`InvalidInputError` for an unknown target, a target the model
-    does not have (``"cross"`` on a text model), a bad rank, or a model that already has adapters.
+    does not have (``"cross"`` on a text model), a bad rank, alpha or seed, or a model that already has adapters.
     """
-    unknown = sorted(set(targets) - set(TARGETS))
+    _check_model(model, "add_lora")
+    if isinstance(targets, str) or not isinstance(targets, Sequence):
+        raise InvalidInputError(
+            f"LoRA targets must be a sequence of names from {TARGETS} (e.g. ('attention',)), got {targets!r}"
+        )
+    unknown = sorted(str(t) for t in set(targets) - set(TARGETS))
     if unknown or not targets:
         raise InvalidInputError(f"LoRA targets must be a non-empty subset of {TARGETS}, got {list(targets)}")
-    if not isinstance(rank, int) or rank < 1:
+    if isinstance(rank, (bool, np.bool_)) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise InvalidInputError(f"LoRA rank must be a positive integer, got {rank!r}")
+    rank = int(rank)
+    if (
+        isinstance(alpha, (bool, np.bool_))
+        or not isinstance(alpha, (int, float, np.integer, np.floating))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise InvalidInputError(f"LoRA alpha must be a finite number > 0 (the scale is alpha / rank), got {alpha!r}")
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InvalidInputError(f"LoRA seed must be an int in [0, 2**32), got {seed!r}")
     if has_lora(model):
         raise InvalidInputError("the model already has LoRA adapters (merge_lora folds them in first)")
     rngs = nnx.Rngs(seed)
@@ -145,7 +161,16 @@ def add_lora(
     return sum(found.values())
 
 
-def _adapted(model: nnx.Module):
+def _check_model(model, where: str) -> None:
+    if not isinstance(model, nnx.Module):
+        raise InvalidInputError(
+            f"{where} needs an nnx.Module (init_model / load_params, or lj.load(...).module), "
+            f"got {type(model).__name__}"
+        )
+
+
+def _adapted(model: nnx.Module, where: str = "has_lora"):
+    _check_model(model, where)
     return [node for _, node in nnx.iter_graph(model) if getattr(node, "lora", None) is not None]
 
 
@@ -154,13 +179,14 @@ def has_lora(model: nnx.Module) -> bool:
 
 
 def lora_param_count(model: nnx.Module) -> int:
+    _check_model(model, "lora_param_count")
     return sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
 
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every adapter into its kernel (``W += (alpha / r) B A``, computed in fp32) and remove the adapters;
     returns the model (changed in place), which then has exactly the structure of one without LoRA."""
-    for proj in _adapted(model):
+    for proj in _adapted(model, "merge_lora"):
         kernel = proj.kernel[...]
         delta = proj.lora.delta().reshape(kernel.shape)  # the flattened [out, in] order is the kernel's own
         proj.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)

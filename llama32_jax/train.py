@@ -24,6 +24,8 @@ and gradients are added before one division, so the step equals the un-accumulat
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any
 
 import jax
@@ -32,12 +34,24 @@ import numpy as np
 import optax
 from flax import nnx
 
-from llama32_jax.errors import InvalidInputError
+from llama32_jax.errors import InvalidInputError, TrainingError
 from llama32_jax.lora import TARGETS, add_lora, has_lora
 from llama32_jax.text import REMAT_POLICIES
+from llama32_jax.train_batch import VISION_KEYS, check_batch
+
+__all__ = [
+    "MODES",
+    "TrainConfig",
+    "Trainer",
+    "check_batch",
+    "learning_rate_schedule",
+    "lm_loss",
+    "make_optimizer",
+    "make_train_step",
+    "split_for_training",
+]
 
 MODES = ("lora", "full")
-VISION_KEYS = ("pixel_values", "aspect_ratio_ids", "tile_mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,32 +68,64 @@ class TrainConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    grad_clip: float = 1.0  # global-norm clipping; 0 disables
+    grad_clip: float | None = 1.0  # global-norm clipping; 0 or None disables
     accum_steps: int = 1
     remat: str = "none"  # text.REMAT_POLICIES: "none", "full", "dots"
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("attention", "mlp")
     seed: int = 0  # LoRA initialisation
+    max_nonfinite_steps: int = 3  # Trainer.step raises TrainingError after this many non-finite steps in a row
 
     def __post_init__(self):
         def bad(field, why):
             raise InvalidInputError(f"TrainConfig.{field}={getattr(self, field)!r}: {why}")
 
-        if self.mode not in MODES:
-            bad("mode", f"expected one of {MODES}")
-        if not self.learning_rate > 0:
-            bad("learning_rate", "must be > 0")
-        if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
-            bad("warmup_steps", f"need 0 <= warmup_steps <= total_steps (total_steps={self.total_steps} >= 1)")
-        if not 0 <= self.end_lr_ratio <= 1:
-            bad("end_lr_ratio", "must be in [0, 1]")
-        if self.accum_steps < 1:
-            bad("accum_steps", "must be >= 1")
-        if self.remat not in REMAT_POLICIES:
-            bad("remat", f"expected one of {sorted(REMAT_POLICIES)}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            bad("grad_clip" if self.grad_clip < 0 else "weight_decay", "must be >= 0")
+        def number(field, valid, ok):
+            """A finite real (bools and strings refused) within ``ok``; stored as a Python float."""
+            value = getattr(self, field)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+                bad(field, f"must be a number {valid}, got {type(value).__name__}")
+            if not math.isfinite(value) or not ok(value):
+                bad(field, f"must be a finite number {valid}")
+            object.__setattr__(self, field, float(value))
+
+        def integer(field, valid, ok):
+            value = getattr(self, field)
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+                bad(field, f"must be an int {valid}, got {type(value).__name__} (whole-number floats are refused too)")
+            if not ok(value):
+                bad(field, f"must be an int {valid}")
+            object.__setattr__(self, field, int(value))
+
+        def choice(field, options):
+            value = getattr(self, field)
+            if not isinstance(value, str) or value not in options:
+                bad(field, f"expected one of {tuple(options)}")
+
+        choice("mode", MODES)
+        choice("remat", sorted(REMAT_POLICIES))
+        number("learning_rate", "> 0", lambda x: x > 0)
+        integer("total_steps", ">= 1", lambda x: x >= 1)
+        integer("warmup_steps", f"with 0 <= warmup_steps <= total_steps={self.total_steps}", lambda x: 0 <= x)
+        if self.warmup_steps > self.total_steps:
+            bad("warmup_steps", f"need 0 <= warmup_steps <= total_steps (total_steps={self.total_steps})")
+        number("end_lr_ratio", "in [0, 1]", lambda x: 0 <= x <= 1)
+        number("weight_decay", ">= 0", lambda x: x >= 0)
+        number("b1", "in [0, 1)", lambda x: 0 <= x < 1)
+        number("b2", "in [0, 1)", lambda x: 0 <= x < 1)
+        number("eps", "> 0", lambda x: x > 0)
+        if self.grad_clip is not None:
+            number("grad_clip", ">= 0 (0 or None: no clipping)", lambda x: x >= 0)
+        integer("accum_steps", ">= 1", lambda x: x >= 1)
+        integer("lora_rank", ">= 1", lambda x: x >= 1)
+        number("lora_alpha", "> 0", lambda x: x > 0)
+        integer("seed", "in [0, 2**32)", lambda x: 0 <= x < 2**32)
+        integer("max_nonfinite_steps", ">= 1", lambda x: x >= 1)
+        targets = self.lora_targets
+        if isinstance(targets, str) or not isinstance(targets, (tuple, list)):
+            bad("lora_targets", f"must be a tuple of target names from {TARGETS}, e.g. ('attention',)")
+        object.__setattr__(self, "lora_targets", tuple(targets))
         if self.mode == "lora" and (not self.lora_targets or set(self.lora_targets) - set(TARGETS)):
             bad("lora_targets", f"must be a non-empty subset of {TARGETS}")
 
@@ -106,7 +152,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         weight_decay=cfg.weight_decay,
         mask=lambda params: jax.tree.map(lambda x: x.ndim >= 2, params),
     )
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip > 0 else adamw
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), adamw) if cfg.grad_clip else adamw
 
 
 def trainable_filter(cfg: TrainConfig):
@@ -141,15 +187,19 @@ def lm_loss(model: nnx.Module, batch: dict) -> tuple[jax.Array, jax.Array]:
             kwargs[key] = batch[key]
     logits, _ = model(batch["inputs"], **kwargs)  # [B, T, V] fp32
     logp = jax.nn.log_softmax(logits, axis=-1)
-    nll = -jnp.take_along_axis(logp, batch["targets"][..., None].astype(jnp.int32), axis=-1)[..., 0]
     mask = batch["loss_mask"].astype(jnp.float32)
-    return jnp.sum(nll * mask), jnp.sum(mask)
+    # A masked-out target is never read: a sentinel there (-1, -100, an image token id) must not turn into NaN.
+    targets = jnp.where(mask > 0, batch["targets"].astype(jnp.int32), 0)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(mask > 0, nll * mask, 0.0)), jnp.sum(mask)
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig):
     """A pure ``step(trainable, frozen, opt_state, batch) -> (trainable, opt_state, metrics)`` (jit it; donating
     ``trainable`` and ``opt_state`` updates them in place). ``metrics``: ``loss`` (mean over trained tokens),
-    ``tokens``, ``grad_norm`` (before clipping), ``learning_rate`` (of this step)."""
+    ``tokens``, ``grad_norm`` (before clipping), ``learning_rate`` (of this step), ``skipped`` (1.0 when the
+    loss or the gradient norm was not finite: then ``trainable`` and ``opt_state``, its step count included, come
+    back bit-identical, so one bad batch cannot poison later steps)."""
     schedule = learning_rate_schedule(cfg)
 
     def sums(trainable, frozen, micro):
@@ -174,15 +224,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: TrainConfig
             (loss_sum, count, grads), _ = jax.lax.scan(body, init, micro)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom.astype(g.dtype), grads)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
+        loss, grad_norm = loss_sum / denom, _global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        index = _count(opt_state)  # before the update: the schedule's index of this step
+        updates, new_opt_state = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # A non-finite step changes nothing (a select, not a branch: cheap next to the step, and sharding-neutral).
+        keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
         metrics = {
-            "loss": loss_sum / denom,
+            "loss": loss,
             "tokens": count,
-            "grad_norm": _global_norm(grads),
-            "learning_rate": schedule(_count(opt_state)),
+            "grad_norm": grad_norm,
+            "learning_rate": schedule(index),
+            "skipped": (~finite).astype(jnp.float32),
         }
-        return trainable, opt_state, metrics
+        return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
 
     return step
 
@@ -192,25 +248,9 @@ def _global_norm(tree) -> jax.Array:
 
 
 def _count(opt_state) -> jax.Array:
-    """The optimizer's step counter after this update (the schedule's index of the step just taken, + 1)."""
+    """The optimizer's step counter: the schedule's index of the next update."""
     counts = [x for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.integer) and x.ndim == 0]
-    return counts[0] - 1 if counts else jnp.zeros((), jnp.int32)
-
-
-def check_batch(batch: dict, cfg: TrainConfig) -> dict:
-    """Validate a batch (fields, shapes, divisibility by ``accum_steps``) and make its leaves arrays."""
-    missing = [k for k in ("inputs", "targets", "loss_mask") if k not in batch]
-    if missing:
-        raise InvalidInputError(f"a training batch needs inputs, targets and loss_mask; missing {missing}")
-    shape = np.shape(batch["inputs"])
-    if len(shape) != 2:
-        raise InvalidInputError(f"batch['inputs'] must be [batch, length], got shape {shape}")
-    for key in ("targets", "loss_mask", "positions", "segment_ids"):
-        if batch.get(key) is not None and np.shape(batch[key]) != shape:
-            raise InvalidInputError(f"batch[{key!r}] has shape {np.shape(batch[key])}, expected {shape}")
-    if shape[0] % cfg.accum_steps:
-        raise InvalidInputError(f"batch size {shape[0]} is not divisible by accum_steps={cfg.accum_steps}")
-    return {k: jnp.asarray(v) for k, v in batch.items() if v is not None}
+    return counts[0] if counts else jnp.zeros((), jnp.int32)
 
 
 class Trainer:
@@ -222,15 +262,32 @@ class Trainer:
     ``trainer.model``, the current model (adapters included; :func:`llama32_jax.lora.merge_lora` folds them in).
     ``state()`` / ``restore(state)`` give the pytree a checkpoint holds (trainable parameters, optimizer state,
     step).
+
+    Every batch is checked on the host first (:func:`llama32_jax.train_batch.check_batch`: keys, shapes, dtypes,
+    ids within the model's vocabulary, a 0/1 mask). A step whose loss or gradient norm is not finite leaves the
+    parameters and the optimizer state (its step count included) as they were; its metrics say ``skipped=1.0``,
+    ``skipped_total`` counts such steps, and ``cfg.max_nonfinite_steps`` of them in a row raise
+    :class:`~llama32_jax.errors.TrainingError` (the trainer keeps its last good state). ``steps_done`` counts the
+    batches consumed, skipped ones included (the learning-rate schedule advances only on applied updates).
     """
 
     def __init__(self, model: nnx.Module, cfg: TrainConfig):
+        if not isinstance(cfg, TrainConfig):
+            raise InvalidInputError(f"cfg must be a llama32_jax.train.TrainConfig, got {type(cfg).__name__}")
+        if not isinstance(model, nnx.Module):
+            raise InvalidInputError(
+                f"model must be an nnx.Module (init_model / load_params, or lj.load(...).module), "
+                f"got {type(model).__name__}"
+            )
         self.cfg = cfg
+        self.model_config = getattr(model, "config", None)
         self.graphdef, self.trainable, self.frozen = split_for_training(model, cfg)
         self.tx = make_optimizer(cfg)
         self.opt_state = self.tx.init(self.trainable)
         self.placement = getattr(model, "placement", None)
         self.steps_done = 0
+        self.skipped_total = 0  # non-finite steps skipped (this session; not part of a checkpoint)
+        self.nonfinite_streak = 0  # ... of them in a row, up to the last step
         self._step = jax.jit(make_train_step(self.graphdef, self.tx, cfg), donate_argnums=(0, 2))
 
     @property
@@ -252,15 +309,39 @@ class Trainer:
         return {k: put(v) for k, v in batch.items()}
 
     def step(self, batch: dict) -> dict[str, float]:
-        """One optimizer step on ``batch``; returns the metrics as Python floats."""
-        batch = self._place(check_batch(batch, self.cfg))
+        """One optimizer step on ``batch``; returns the metrics as Python floats (:func:`make_train_step`'s, plus
+        ``skipped_total``). Raises :class:`InvalidInputError` for a bad batch (nothing changes) and
+        :class:`TrainingError` after ``cfg.max_nonfinite_steps`` non-finite steps in a row."""
+        batch = self._place(check_batch(batch, self.cfg, self.model_config))
         self.trainable, self.opt_state, metrics = self._step(self.trainable, self.frozen, self.opt_state, batch)
         self.steps_done += 1
-        return {k: float(v) for k, v in metrics.items()}
+        out = {k: float(v) for k, v in metrics.items()}
+        if out["skipped"]:
+            self.skipped_total += 1
+            self.nonfinite_streak += 1
+        else:
+            self.nonfinite_streak = 0
+        out["skipped_total"] = float(self.skipped_total)
+        if self.nonfinite_streak >= self.cfg.max_nonfinite_steps:
+            raise TrainingError(
+                f"{self.nonfinite_streak} training steps in a row (up to step {self.steps_done}) had a non-finite "
+                f"loss or gradient (last: loss={out['loss']}, grad_norm={out['grad_norm']}); none of them changed "
+                "the parameters or the optimizer state, which stay at the last good step. Check the learning rate "
+                f"(learning_rate={self.cfg.learning_rate}, too high diverges), the data (bad or empty examples), "
+                "the parameter dtype (bfloat16/float16 overflow: try float32) and the weights themselves (NaN or "
+                f"inf in the checkpoint); TrainConfig.max_nonfinite_steps={self.cfg.max_nonfinite_steps} is the limit"
+            )
+        return out
 
     def state(self) -> dict:
         return {"trainable": self.trainable, "opt_state": self.opt_state, "step": self.steps_done}
 
     def restore(self, state: dict) -> None:
+        missing = [k for k in ("trainable", "opt_state", "step") if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise InvalidInputError(
+                f"Trainer.restore needs a dict with trainable, opt_state and step; missing {missing}"
+            )
         self.trainable, self.opt_state = state["trainable"], state["opt_state"]
         self.steps_done = int(state["step"])
+        self.nonfinite_streak = 0

@@ -304,3 +304,40 @@ def test_argument_errors(tok):
     no_reply = [[{"role": "user", "content": "hi"}]]
     with pytest.raises(InvalidInputError, match=r"examples\[0\]: the example has no trainable token"):
         list(make_dataset(no_reply, tok, seq_len=8, batch_size=1, num_epochs=1))
+
+
+def test_input_errors_name_the_input(tok, tmp_path):
+    kwargs = dict(seq_len=16, batch_size=1, num_epochs=1, shuffle=False)
+    (tmp_path / "dir.jsonl").mkdir()
+    with pytest.raises(InvalidInputError, match=r"dir.jsonl is a directory; give a file with one example per line"):
+        make_dataset(tmp_path / "dir.jsonl", tok, **kwargs)
+    with pytest.raises(InvalidInputError, match="the JSONL path is an empty string"):
+        make_dataset("", tok, **kwargs)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    with pytest.raises(InvalidInputError, match=r"the dataset is empty: .*empty.jsonl holds no examples"):
+        make_dataset(empty, tok, **kwargs)
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InvalidInputError, match=r"latin1.jsonl line 2 is not UTF-8 text \(byte 0xe9 at column 14\)"):
+        list(make_dataset(latin1, tok, **kwargs))
+    bad_role = [[{"role": "bot", "content": "x"}, {"role": "assistant", "content": "y"}]]
+    with pytest.raises(InvalidInputError, match=r"examples\[0\]: .*unknown chat role"):
+        list(make_dataset(bad_role, tok, **kwargs))
+    ok = [{"text": "a b c"}]
+    cases = {
+        "tokenizer must be a llama32_jax tokenizer .*got NoneType": {"tokenizer": None},
+        "seq_len must be an int >= 2, got 0": {"seq_len": 0},
+        "seq_len must be an int >= 2, got 8.0": {"seq_len": 8.0},
+        "batch_size must be an int >= 1, got -1": {"batch_size": -1},
+        "num_packing_bins must be an int >= 1, got 0": {"num_packing_bins": 0},
+        "shuffle must be True or False, got 'no'": {"shuffle": "no"},
+        "pack must be True or False, got 1": {"pack": 1},
+        r"shard must be a tuple \(index, count\) of ints, got \(True, 2\)": {"shard": (True, 2)},
+    }
+    for match, extra in cases.items():
+        tokenizer = extra.pop("tokenizer", tok)
+        with pytest.raises(InvalidInputError, match=match):
+            make_dataset(ok, tokenizer, **{**kwargs, **extra})
+    with pytest.raises(InvalidInputError, match="tokenizer must be a llama32_jax tokenizer"):
+        encode_example({"text": "x"}, "not a tokenizer")
