@@ -12,7 +12,7 @@ rows too (:func:`input_vocab`).
 
 Sampling decisions:
 
-- ``top_k`` larger than the vocabulary keeps every token, like ``top_k=0`` (it is clamped to the vocabulary).
+- ``top_k`` at least the vocabulary size keeps every token: it is the same as ``top_k=0`` (off), samples included.
 - ``seed`` is any int; only ``seed mod 2**32`` matters (JAX's 32-bit PRNG keys: ``jax.random.PRNGKey`` already
   keeps only the low 32 bits without x64), so ``seed=2**70`` works and equals ``seed=0``.
 - ``stop_ids`` is ``None`` (the tokenizer's), one id (``5`` means ``[5]``), a list of ids shared by every prompt,
@@ -52,7 +52,7 @@ def _is_array(x: Any) -> bool:
 
 
 def _describe(x: Any) -> str:
-    if x is None or isinstance(x, (bool, int, float)):
+    if x is None or isinstance(x, bool):
         return repr(x)
     text = repr(x)
     return f"{type(x).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
@@ -79,7 +79,7 @@ def token_row(row: Any, where: str, vocab: int) -> list[int]:
         ids = list(row)
         for j, t in enumerate(ids):
             if not _is_int(t):
-                if isinstance(t, (list, tuple)) or _is_array(t):
+                if isinstance(t, (list, tuple)) or (_is_array(t) and np.ndim(t) > 0):
                     raise InvalidInputError(
                         f"{where} is nested: position {j} holds a {type(t).__name__}; a prompt is a flat list of "
                         "int token ids, and a batch a list of such lists"
@@ -237,7 +237,8 @@ def max_new_tokens_list(max_new_tokens: Any, n: int) -> list[int]:
 
 
 def sampling_lists(n: int, vocab: int, temperature: Any, top_k: Any, top_p: Any, seed: Any) -> tuple[list, ...]:
-    """``(temperatures, top_ks, top_ps, seeds)`` per prompt, checked; top_k clamped to ``vocab``, seeds mod 2**32."""
+    """``(temperatures, top_ks, top_ps, seeds)`` per prompt, checked; ``top_k >= vocab`` becomes 0 (off: it keeps
+    every token either way), seeds are taken mod 2**32."""
     temps = per_prompt(temperature, n, "temperature")
     finite = "a finite number >= 0 (0 = greedy)"
     _each(temps, temperature, "temperature", lambda t: _is_real(t) and math.isfinite(t) and t >= 0, finite)
@@ -249,7 +250,7 @@ def sampling_lists(n: int, vocab: int, temperature: Any, top_k: Any, top_p: Any,
     _each(seeds, seed, "seed", _is_int, "an int (any size; seed mod 2**32 is used)")
     return (
         [float(t) for t in temps],
-        [min(int(k), vocab) for k in ks],
+        [int(k) if k < vocab else 0 for k in ks],
         [float(p) for p in ps],
         [int(s) % SEED_MODULUS for s in seeds],
     )
@@ -284,7 +285,7 @@ def stop_lists(stop_ids: Any, n: int, vocab: int | None = None) -> list[list[int
             f"stop_ids must be None, an int, a list of ints, or one list per prompt; got {_describe(stop_ids)}"
         )
     values = np.asarray(stop_ids).tolist() if _is_array(stop_ids) else list(stop_ids)
-    nested = [isinstance(v, (list, tuple)) or _is_array(v) for v in values]
+    nested = [isinstance(v, (list, tuple)) or (_is_array(v) and np.ndim(v) > 0) for v in values]
     if any(nested) and not all(nested):
         raise InvalidInputError(
             "stop_ids mixes ids and lists; give one list of ids shared by every prompt, or one list per prompt"
