@@ -4,6 +4,13 @@ Files are opened with ``safetensors.safe_open`` (never unpickled), which validat
 read with plain file reads at its byte offsets (no memory map: nothing stays resident after the tensor is
 dropped) and comes back as a numpy array in the stored dtype, bf16 as ``ml_dtypes.bfloat16`` (the same bytes, so
 values are exact).
+
+Every parameter of a Llama / Mllama checkpoint is a float. Before any tensor is read, every file's header is checked:
+a tensor stored as integers (int8 bitsandbytes weights, packed 4-bit ``uint8``, GPTQ ``int32``) or as fp8, and a
+quantization side tensor (``.qweight``, ``.scales``, ``.qzeros``, ``.g_idx``, ``.SCB``, ``.absmax``,
+``.weight_format``, ``.weight_scale``, ...), is a :class:`~llama32_jax.errors.QuantizedCheckpointError` naming the
+file, the tensor and its dtype -- whatever ``config.json`` says (a ``quant_method: gguf`` section, written by
+transformers over float tensors it dequantized from a GGUF file, is read like any float checkpoint).
 """
 
 from __future__ import annotations
@@ -18,9 +25,9 @@ import numpy as np
 
 from llama32_jax.checkpoint.convert import params_from_state_dict
 from llama32_jax.configs import ModelConfig, from_hf_config
-from llama32_jax.errors import CheckpointError
+from llama32_jax.errors import CheckpointError, QuantizedCheckpointError
 
-__all__ = ["hf_weight_files", "iter_hf_tensors", "read_hf_params"]
+__all__ = ["check_float_tensors", "hf_weight_files", "iter_hf_tensors", "read_hf_params"]
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -50,7 +57,10 @@ def _load_index(directory: Path) -> dict[str, list[str]]:
 
 
 def hf_weight_files(directory: str | os.PathLike) -> dict[Path, list[str] | None]:
-    """The safetensors files of an HF directory: ``path -> keys the index assigns to it`` (None for one file)."""
+    """The safetensors files of an HF directory: ``path -> keys the index assigns to it`` (None for one file).
+
+    Every file's header is checked by :func:`check_float_tensors` (quantized tensors are refused before any read).
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"HF model directory not found: {str(directory)!r}")
@@ -60,9 +70,15 @@ def hf_weight_files(directory: str | os.PathLike) -> dict[Path, list[str] | None
             f"{str(directory)!r} has both {SINGLE_FILE!r} and {INDEX_FILE!r}; it is unclear which weights to load"
         )
     if single.is_file():
-        return {single: None}
-    if indexed.is_file():
-        return {directory / shard: keys for shard, keys in sorted(_load_index(directory).items())}
+        files = {single: None}
+    elif indexed.is_file():
+        files = {directory / shard: keys for shard, keys in sorted(_load_index(directory).items())}
+    else:
+        files = None
+    if files is not None:
+        for path in files:
+            check_float_tensors(path)
+        return files
     others = sorted(p.name for p in directory.iterdir() if p.suffix in (".safetensors", ".bin", ".pth", ".pt"))
     raise CheckpointError(
         f"{str(directory)!r} has no {SINGLE_FILE!r} and no {INDEX_FILE!r}"
@@ -74,9 +90,76 @@ def _header(path: Path) -> tuple[int, dict[str, Any]]:
     """The safetensors header: (byte offset of the data section, {name: {dtype, shape, data_offsets}})."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
+        if size > os.fstat(f.fileno()).st_size - 8 or size > 100_000_000:  # also guards the read below
+            raise CheckpointError(
+                f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): its header claims {size} bytes"
+            )
         header = json.loads(f.read(size))
+    if not isinstance(header, dict):
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): bad header")
     header.pop("__metadata__", None)
     return 8 + size, header
+
+
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+# Tensors only quantized checkpoints have: GPTQ / AWQ (qweight, qzeros, scales, g_idx), bitsandbytes 8-bit (SCB,
+# weight_format) and 4-bit (absmax, quant_map, nested_*, quant_state.*), compressed-tensors and fp8 (weight_packed,
+# weight_scale, weight_zero_point, weight_shape, weight_g_idx, weight_scale_inv, input_scale).
+_QUANT_TENSOR_NAMES = frozenset(
+    (
+        "qweight",
+        "qzeros",
+        "scales",
+        "g_idx",
+        "SCB",
+        "weight_format",
+        "absmax",
+        "quant_map",
+        "nested_absmax",
+        "nested_quant_map",
+        "weight_packed",
+        "weight_scale",
+        "weight_zero_point",
+        "weight_shape",
+        "weight_g_idx",
+        "weight_scale_inv",
+        "input_scale",
+    )
+)
+_FLOAT_ADVICE = (
+    "llama32_jax reads float (bf16 / fp16 / fp32) checkpoints only: use the float model this one was made from, or "
+    "dequantize it with transformers where the method supports it (model.dequantize(), then save_pretrained in "
+    "bf16) and load the saved directory"
+)
+
+
+def check_float_tensors(path: str | os.PathLike) -> None:
+    """Refuse a safetensors file holding quantized tensors (integer or fp8 dtypes, quantization side tensors).
+
+    Reads the header only. :class:`~llama32_jax.errors.QuantizedCheckpointError` names the file, the tensor and
+    its dtype; an unreadable header is a :class:`~llama32_jax.errors.CheckpointError`.
+    """
+    path = Path(path)
+    try:
+        _, entries = _header(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r} (truncated or corrupt?): {e}") from e
+    for key, entry in entries.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        last = key.rsplit(".", 1)[-1]
+        if last in _QUANT_TENSOR_NAMES or ".quant_state." in key:
+            raise QuantizedCheckpointError(
+                f"{str(path)!r}: tensor {key!r} ({dtype}) is a quantization tensor: the checkpoint is quantized. "
+                + _FLOAT_ADVICE
+            )
+        if isinstance(dtype, str) and dtype not in _FLOAT_DTYPES and (dtype[:1] in "IUB" or dtype.startswith("F")):
+            kind = "integers" if dtype[:1] in "IUB" else "a low-precision float format"
+            raise QuantizedCheckpointError(
+                f"{str(path)!r}: tensor {key!r} is stored as {dtype} ({kind}), but every Llama parameter is a float: "
+                f"the weights are quantized (or not a Llama checkpoint). {_FLOAT_ADVICE}"
+            )
 
 
 # safetensors dtype names -> numpy dtypes (bf16 through ml_dtypes); all little-endian.
