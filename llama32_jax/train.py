@@ -13,7 +13,14 @@ Functional core (what scripts and the scaling study compile)::
 and :class:`Trainer`, which holds that state for a loop. A batch is a dict of ``[B, T]`` arrays (as
 :mod:`llama32_jax.data` yields them): ``inputs`` (int), ``targets`` (int, the next token), ``loss_mask`` (float:
 1 where the target is trained, 0 on prompts and padding), and optionally ``positions`` / ``segment_ids`` (packed
-rows) and, for the vision models, ``pixel_values`` / ``aspect_ratio_ids`` / ``tile_mask``.
+rows) and, for the vision models, ``pixel_values`` / ``aspect_ratio_ids`` / ``tile_mask``. :func:`check_batch`
+(:mod:`llama32_jax.train_batch`) validates it on the host before every :meth:`Trainer.step`: ids within the
+model's vocabulary, targets wherever the mask is 1, a 0/1 mask; a masked-out target is never read and may hold a
+sentinel such as ``-100``.
+
+A step whose loss or gradient norm is not finite is skipped inside the jitted step (parameters and optimizer state
+come back bit-identical; ``metrics["skipped"] == 1``); :class:`Trainer` counts such steps and raises
+:class:`~llama32_jax.errors.TrainingError` after ``TrainConfig.max_nonfinite_steps`` in a row.
 
 The loss is the mean negative log-likelihood over the trained target tokens of the whole (global) batch. With
 ``accum_steps = k`` the batch is cut into ``k`` micro-batches along its first axis; their loss sums, token counts

@@ -156,3 +156,25 @@ def test_load_plan_refuses_a_mesh():
     with pytest.raises(PlanError, match="load_plan takes a plan, not a jax Mesh; pass the Mesh to sharding.resolve"):
         sharding.load_plan(mesh)
     assert sharding.resolve(mesh)[0].mesh_dict == {"data": 1}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"coordinator_address": "10.0.0.1"}, r"coordinator_address must be a 'host:port' string .*got '10.0.0.1'"),
+        ({"coordinator_address": ":1234"}, "coordinator_address must be a 'host:port' string"),
+        ({"coordinator_address": "host:99999"}, "coordinator_address must be a 'host:port' string"),
+        ({"coordinator_address": 1234}, "coordinator_address must be a 'host:port' string"),
+        ({"num_processes": 0}, "num_processes must be an int >= 1, got 0"),
+        ({"num_processes": 2.0}, "num_processes must be an int >= 1, got 2.0"),
+        ({"num_processes": 2, "process_id": 2}, r"process_id must be an int in \[0, num_processes=2\), got 2"),
+        ({"process_id": -1}, "process_id must be an int >= 0, got -1"),
+        ({"process_id": True}, "process_id must be an int"),
+    ],
+)
+def test_distributed_initialize_argument_errors(kwargs, match):
+    from llama32_jax import distributed
+    from llama32_jax.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match=match):  # refused before jax.distributed is touched
+        distributed.initialize(**kwargs)
