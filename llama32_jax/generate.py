@@ -31,7 +31,6 @@ from llama32_jax.distributed import to_host
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.inputs import (
     check_bool,
-    check_image_counts,
     input_vocab,
     max_new_tokens_list,
     sampling_lists,
@@ -204,13 +203,15 @@ def generate_tokens(
 ) -> list[GenerationOutput]:
     """Generate from token-id prompts; every sampling argument is one value or one per prompt.
 
-    ``stop_ids`` is one list for all prompts or one list per prompt. ``on_step(step, tokens [B], done [B])`` is
-    called from the device loop for every generated position (``done`` marks sequences that had already
-    stopped, whose token is meaningless).
+    ``stop_ids`` is one id, one list for all prompts or one list per prompt. ``on_step(step, tokens [B], done [B])``
+    is called from the device loop for every generated position (``done`` marks sequences that had already
+    stopped, whose token is meaningless). If it raises, it is not called again, the loop runs to its end and the
+    exception itself is re-raised here. Every argument is checked first (:mod:`llama32_jax.inputs`).
 
     ``images`` (vision models): an :class:`llama32_jax.image.ImageBatch` with one row per prompt, holding as many
     images as the prompt has ``<|image|>`` tokens (``config.image_token_id``), in order; a prompt may have none.
-    The images are encoded once; which tokens see which image follows Meta (SPEC §4.3): each image from its token
+    Without ``images``, image tokens are allowed here and see no image (``Model.generate`` refuses them). The
+    images are encoded once; which tokens see which image follows Meta (SPEC §4.3): each image from its token
     to the next image token, a single image up to the end, generated tokens included.
     """
     config = model.config
@@ -225,8 +226,6 @@ def generate_tokens(
         raise InvalidInputError(f"on_step must be a callable on_step(step, tokens, done) or None, got {on_step!r}")
     if images is not None and not config.is_vision:
         raise InvalidInputError(f"{config.name} is a text model; images are not accepted")
-    if images is None and config.is_vision:
-        check_image_counts(prompts, config.image_token_id, [0] * n)
     for i, p in enumerate(prompts):
         if len(p) + max_new[i] > text.max_position_embeddings:
             raise InvalidInputError(
