@@ -3,14 +3,22 @@
     python -m llama32_jax.convert --source Llama-3.2-1B/original --output ckpt/llama-3.2-1b [--dtype bfloat16]
     python -m llama32_jax.convert --source ckpt/llama-3.2-1b --output hf/llama-3.2-1b --to hf
 
-Exit status: 0 on success, 2 for bad arguments or input (the message names the file, key or flag), 130 when
-interrupted. No output directory is left behind by a failed run. From Python, use ``llama32_jax.convert(...)``
+Paths may be relative, start with ``~`` or pass through symlinks. The output must not overlap the source (either
+way), and ``--overwrite`` replaces only an empty directory or a complete earlier output of llama32_jax (a
+converted checkpoint with its ``llama32_jax.json`` manifest, or an HF export with its ``llama32_jax_export.json``
+marker, holding nothing else); anything else is refused and nothing is deleted.
+
+Exit status: 0 on success, 2 for bad arguments or input, an unsafe output path or a failed write such as a full
+disk (``error: <ErrorType>: ...`` names the file, key or flag), 130 when interrupted. No output directory (nor a
+temporary one) is left behind by a failed run. From Python, use ``llama32_jax.convert(...)``
 (the function; see :func:`llama32_jax.checkpoint.pipeline.convert`).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import math
 import sys
 import time
 import types
@@ -18,6 +26,18 @@ import types
 from llama32_jax.checkpoint.pipeline import DTYPES
 from llama32_jax.checkpoint.pipeline import convert as convert
 from llama32_jax.errors import LlamaJaxError
+
+DEFAULT_FLUSH_MB = 256.0
+
+
+def _flush_mb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of MB, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of MB > 0, got {text!r}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,9 +50,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory to create (published atomically when complete)")
     p.add_argument("--to", choices=("orbax", "hf"), default="orbax", help="output format (default: orbax)")
     p.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="stored parameter dtype (default bfloat16)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output directory: only an empty one or an earlier output of llama32_jax",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--flush-mb", type=float, default=256.0, help="write to Orbax every this many MB (default 256)")
+    p.add_argument("--flush-mb", type=_flush_mb, default=None, help="write to Orbax every this many MB (default 256)")
     p.add_argument("--compress", action="store_true", help="zstd-compress the stored arrays (needs more memory)")
     p.add_argument("--rope-factor", type=float, default=None, help="Meta sources: override the RoPE scaling factor")
     tie = p.add_mutually_exclusive_group()
@@ -44,16 +68,76 @@ def _parser() -> argparse.ArgumentParser:
 def _export_hf(args) -> str:
     from llama32_jax.api import load
     from llama32_jax.checkpoint.hf_export import export_hf
+    from llama32_jax.checkpoint.pipeline import check_output
+    from llama32_jax.checkpoint.safety import check_source_dir
 
     if args.rope_factor is not None or args.tie is not None:
         raise LlamaJaxError("--rope-factor/--tied/--untied apply to conversion to orbax, not to --to hf")
-    model = load(args.source, dtype="float32")
+    if args.flush_mb is not None or args.compress:
+        raise LlamaJaxError("--flush-mb/--compress apply to conversion to orbax, not to --to hf")
+    source = check_source_dir(args.source, "--source")
+    check_output(args.output, overwrite=args.overwrite, source=source)  # before the (slow) load
+    model = load(source, dtype="float32")
     return str(export_hf(model, args.output, dtype=args.dtype, overwrite=args.overwrite))
+
+
+class _QuietOrbaxNoise(logging.Filter):
+    """Drops Orbax's own error logs (tracebacks of its worker threads): the failure they describe reaches us as
+    an exception and is reported once, typed (``error: StorageError: ...``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+
+
+class _QuietStderr:
+    """``sys.stderr`` minus the "RuntimeError: Event loop is closed" tracebacks that TensorStore's callbacks print
+    after an Orbax write has failed (e.g. on a full disk); everything else (progress bar, warnings) passes."""
+
+    _NOISE = ("RuntimeError: Event loop is closed",)
+
+    def __init__(self, stream):
+        self._stream, self._block = stream, None
+
+    def write(self, text: str) -> int:
+        if self._block is None and text.startswith("Traceback (most recent call last):"):
+            self._block = ""
+        if self._block is None:
+            return self._stream.write(text)
+        self._block += text
+        lines = self._block.split("\n")
+        for i, line in enumerate(lines[1:-1], start=1):  # the exception line: the first unindented after the header
+            if line and not line.startswith(" "):
+                block, rest = "\n".join(lines[: i + 1]) + "\n", "\n".join(lines[i + 1 :])
+                self._block = None
+                if line.strip() not in self._NOISE:
+                    self._stream.write(block)
+                if rest:
+                    self.write(rest)
+                break
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
+    noise, stderr = _QuietOrbaxNoise(), sys.stderr
+    logging.getLogger("absl").addFilter(noise)
+    if not isinstance(sys.stderr, _QuietStderr):
+        sys.stderr = _QuietStderr(sys.stderr)
+    try:
+        return _run(args, t0)
+    finally:
+        logging.getLogger("absl").removeFilter(noise)
+        sys.stderr = stderr
+
+
+def _run(args, t0: float) -> int:
     try:
         if args.to == "hf":
             out = _export_hf(args)
@@ -66,10 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                 progress=not args.no_progress,
                 rope_factor=args.rope_factor,
                 tie_embeddings=args.tie,
-                flush_bytes=int(max(0.0, args.flush_mb) * 2**20),
+                flush_bytes=int((args.flush_mb or DEFAULT_FLUSH_MB) * 2**20),
                 compress=args.compress,
             )
     except LlamaJaxError as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # not expected (writes and reads are typed at depth); still no traceback
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -88,6 +175,8 @@ class _CallableModule(types.ModuleType):
 
 
 if __name__ == "__main__":
+    sys.stderr = _QuietStderr(sys.stderr)  # kept to the end: late TensorStore callbacks print after main returns
+    logging.getLogger("absl").addFilter(_QuietOrbaxNoise())
     sys.exit(main())
 else:
     sys.modules[__name__].__class__ = _CallableModule

@@ -1,8 +1,11 @@
 """Export a text model to a Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer files).
 
 The directory is written to a temporary sibling and renamed into place only when complete, so an interrupted
-export never leaves something that looks like a finished checkpoint. Weights are written with HF names and
-torch's ``(out, in)`` layout (``state_dict_from_params``); bf16 is written exactly (safetensors ``BF16``).
+export never leaves something that looks like a finished checkpoint. Its last file, ``llama32_jax_export.json``,
+marks it as an export of ours (format ``llama32_jax-hf-export`` and the list of its files): only such a
+directory (or a converted checkpoint, or an empty directory) may be replaced with ``overwrite``. Weights are
+written with HF names and torch's ``(out, in)`` layout (``state_dict_from_params``); bf16 is written exactly
+(safetensors ``BF16``).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ import numpy as np
 from flax import nnx
 
 from llama32_jax.checkpoint.convert import state_dict_from_params
+from llama32_jax.checkpoint.safety import EXPORT_FORMAT, EXPORT_MARKER, user_path
 from llama32_jax.configs import ModelConfig
 from llama32_jax.errors import InvalidInputError
 
-__all__ = ["export_hf", "hf_config_dict", "write_safetensors"]
+__all__ = ["export_hf", "hf_config_dict", "write_export_marker", "write_hf_files", "write_safetensors"]
 
 _ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -85,6 +89,52 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -
             f.write(arr.tobytes())
 
 
+def _source_path(model: Any) -> Path | None:
+    """The model's source file or directory on disk (``Model.source``), or None (built-in or in-memory models)."""
+    source = getattr(model, "source", None)
+    if isinstance(source, str | os.PathLike) and os.path.exists(os.path.expanduser(os.fspath(source))):
+        return user_path(source, "model source")
+    return None
+
+
+def write_hf_files(model: Any, directory: Path, *, dtype: str, tokenizer_dir: Path | None) -> None:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer files of ``model`` into ``directory``."""
+    import ml_dtypes
+
+    module = getattr(model, "module", model)
+    config: ModelConfig = module.config
+    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    if config.scan_layers:
+        from llama32_jax.text import unstack_layers
+
+        params = unstack_layers(params)
+    tensors = {k: np.asarray(v).astype(np_dtype) for k, v in state_dict_from_params(config, params, "hf").items()}
+    (directory / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype=dtype), indent=2) + "\n")
+    write_safetensors(directory / "model.safetensors", tensors)
+    del tensors
+    if tokenizer_dir is not None:
+        for name in TOKENIZER_FILES:
+            src = tokenizer_dir / name
+            if src.is_file():
+                shutil.copy(src, directory / name)
+    elif getattr(model, "tokenizer", None) is not None:
+        from llama32_jax.checkpoint.train_models import write_tokenizer_files
+
+        write_tokenizer_files(model, directory)
+
+
+def write_export_marker(directory: Path, *, dtype: str, **extra: Any) -> None:
+    """Write the marker of an HF export of ours (last): what ``overwrite`` may later replace, with every file the
+    export holds (see :mod:`llama32_jax.checkpoint.safety`)."""
+    files = sorted(n for n in os.listdir(directory) if n != EXPORT_MARKER)
+    record = {"format": EXPORT_FORMAT, "version": 1, "dtype": dtype, "files": files, **extra}
+    with open(directory / EXPORT_MARKER, "w", encoding="utf-8") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def export_hf(
     model: Any,
     output: str | os.PathLike,
@@ -95,34 +145,35 @@ def export_hf(
 ) -> Path:
     """Write ``model`` (an ``llama32_jax.Model`` or a text ``Transformer`` module) as an HF directory.
 
-    Tokenizer files are copied from ``tokenizer_dir`` (default: the model's source directory, when it was an HF
-    directory). An existing ``output`` is refused unless ``overwrite``. Returns the output path.
-    """
-    import ml_dtypes
+    Tokenizer files are copied from ``tokenizer_dir``; by default from the model's source directory, or written
+    from the loaded tokenizer (GGUF and built-in models: ``tokenizer.json``; Meta: ``tokenizer.model``). The
+    directory is marked as ours by ``llama32_jax_export.json`` (written last; it lists the export's files).
 
+    ``output`` may be relative, start with ``~`` or pass through symlinks. It must not overlap the model's source
+    (either way). An existing ``output`` is refused unless ``overwrite``, and even then only an empty directory or
+    a complete earlier output of llama32_jax (nothing else in it) is replaced: anything else is an
+    :class:`~llama32_jax.errors.UnsafePathError` and nothing is deleted. A failed write (disk full ...) is a
+    :class:`~llama32_jax.errors.StorageError` and leaves nothing behind. Returns the output's real path.
+    """
     module = getattr(model, "module", model)
-    config: ModelConfig = module.config
+    config = getattr(module, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise InvalidInputError(f"model must be an llama32_jax Model or text Transformer, got {type(model).__name__}")
     if dtype not in _ST_DTYPES:
         raise InvalidInputError(f"dtype must be one of {sorted(_ST_DTYPES)}, got {dtype!r}")
+    hf_config_dict(config)  # vision models are refused before anything is written
     from llama32_jax.checkpoint.pipeline import atomic_directory, check_output
 
-    out = check_output(output, overwrite=overwrite)
-    if tokenizer_dir is None and getattr(model, "source", None) and os.path.isdir(model.source):
-        tokenizer_dir = model.source
-    np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-    params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
-    if config.scan_layers:
-        from llama32_jax.text import unstack_layers
-
-        params = unstack_layers(params)
-    tensors = {k: np.asarray(v).astype(np_dtype) for k, v in state_dict_from_params(config, params, "hf").items()}
-
+    source = _source_path(model)
+    out = check_output(output, overwrite=overwrite, source=source)
+    tok_dir = None
+    if tokenizer_dir is not None:
+        tok_dir = user_path(tokenizer_dir, "tokenizer_dir")
+        if not tok_dir.is_dir():
+            raise InvalidInputError(f"tokenizer_dir {str(tok_dir)!r} is not a directory")
+    elif source is not None and source.is_dir() and getattr(model, "tokenizer", None) is None:
+        tok_dir = source
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype=dtype), indent=2) + "\n")
-        write_safetensors(tmp / "model.safetensors", tensors)
-        if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
-                src = Path(tokenizer_dir) / name
-                if src.is_file():
-                    shutil.copy(src, tmp / name)
+        write_hf_files(model, tmp, dtype=dtype, tokenizer_dir=tok_dir)
+        write_export_marker(tmp, dtype=dtype)
     return out

@@ -1,6 +1,6 @@
 """Reader of Meta's official checkpoint directories: ``params.json``, ``tokenizer.model``, ``consolidated.NN.pth``.
 
-Shards are model-parallel slices; each tensor is merged by the column/row rules of SPEC.md §8.4 (column-parallel
+Shards are model-parallel slices; each tensor is merged by Meta's column/row rules (``SHARD_DIMS``: column-parallel
 weights concatenate along dim 0, row-parallel along dim 1, everything else is replicated and must be identical in
 every shard). Files are opened with ``torch.load(weights_only=True, mmap=True)``: a pickle that would run code is
 refused, never executed, and tensors are paged in from disk one at a time as they are merged.
@@ -21,7 +21,8 @@ from llama32_jax.checkpoint.convert import params_from_state_dict, to_numpy
 from llama32_jax.configs import ModelConfig, from_params_json
 from llama32_jax.errors import CheckpointError, ConfigError
 
-# SPEC §8.4 as data: (key pattern, dim along which shards concatenate). Keys matching none are replicated.
+# Meta's model-parallel layout as data: (key pattern, dim along which shards concatenate). Keys matching none
+# are replicated.
 SHARD_DIMS: tuple[tuple[str, int], ...] = (
     (r"(^|\.)attention\.w[qkv]\.weight$", 0),
     (r"(^|\.)attention\.wo\.weight$", 1),
@@ -51,9 +52,13 @@ def shard_dim(key: str) -> int | None:
 
 def meta_shard_files(directory: str | os.PathLike) -> list[Path]:
     """``consolidated.00.pth ... consolidated.{N-1}.pth`` (or a single ``consolidated.pth``), checked complete."""
-    root = Path(directory)
+    root = Path(os.path.expanduser(os.fspath(directory)))
     single = root / "consolidated.pth"
-    numbered = {int(m.group(1)): root / name for name in os.listdir(root) if (m := _SHARD_NAME.match(name))}
+    try:
+        names = os.listdir(root)
+    except OSError as e:  # missing, a file, or no permission
+        raise CheckpointError(f"cannot list the Meta checkpoint directory {str(root)!r}: {e.strerror or e}") from e
+    numbered = {int(m.group(1)): root / name for name in names if (m := _SHARD_NAME.match(name))}
     if single.is_file() and numbered:
         raise CheckpointError(f"{root}: both consolidated.pth and consolidated.NN.pth files exist; keep one set")
     if single.is_file():
@@ -101,7 +106,7 @@ class MetaShards:
     Each file is opened with ``torch.load(weights_only=True, mmap=True)``: the pickle may only build tensors (one
     that would run code is refused, not executed), and tensor data stays on disk until read. After
     ``map_budget`` bytes have been read the maps are dropped and reopened, so resident file pages stay bounded
-    however large the checkpoint is. :meth:`tensor` merges a key's shards by SPEC.md §8.4.
+    however large the checkpoint is. :meth:`tensor` merges a key's shards by :data:`SHARD_DIMS`.
     """
 
     def __init__(self, directory: str | os.PathLike, *, map_budget: int = DEFAULT_MAP_BUDGET):
@@ -226,7 +231,7 @@ class MetaShards:
 
 
 def iter_meta_tensors(directory: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(meta_key, merged numpy array)`` one tensor at a time, merging the shards by SPEC.md §8.4."""
+    """Yield ``(meta_key, merged numpy array)`` one tensor at a time, merging the shards by :data:`SHARD_DIMS`."""
     shards = MetaShards(directory)
     for key in shards.keys:
         yield key, shards.tensor(key)
@@ -260,7 +265,7 @@ def read_meta_params(
     ``tie_embeddings=None`` decides from the tensors: tied when ``output.weight`` equals ``tok_embeddings.weight``
     (Llama 3.2 1B/3B), untied otherwise (e.g. Llama Guard 3 1B). ``rope_factor`` as in ``from_params_json``.
     """
-    root = Path(directory)
+    root = Path(os.path.expanduser(os.fspath(directory)))
     params_json = read_params_json(root)
     tensors = dict(iter_meta_tensors(root))
     if tie_embeddings is None and "output.weight" in tensors and "tok_embeddings.weight" in tensors:

@@ -5,12 +5,16 @@ Layout of a converted directory::
     out/
       params/            Orbax checkpoint (OCDBT) of the per-layer parameter tree; layer indices are string keys
       tokenizer.model    (Meta sources) or tokenizer.json + tokenizer_config.json ... (HF / GGUF sources)
-      llama32_jax.json   the manifest, written last: format version, our config, dtype, source, tokenizer files
+      llama32_jax.json   the manifest, written last: format version, our config, dtype, source, tokenizer files,
+                         and the size of every file under params/
 
 A directory is a converted checkpoint only if it holds the manifest *and* a finalized Orbax tree; the converter
 writes both inside a temporary sibling and renames it into place, so nothing half-written carries a manifest
-under the output's name. Restoring builds its targets as ``jax.ShapeDtypeStruct``\\s with the caller's
-shardings, so arrays land directly where a mesh wants them (nothing is restored to one device first).
+under the output's name. Before restoring, every file under ``params/`` is checked against the size the
+manifest records, so a truncated or deleted array file is a :class:`~llama32_jax.errors.CheckpointError` naming
+it (any other damage Orbax reports is one too, with the parameter named where TensorStore says which).
+Restoring builds its targets as ``jax.ShapeDtypeStruct``\\s with the caller's shardings, so arrays land directly
+where a mesh wants them (nothing is restored to one device first).
 """
 
 from __future__ import annotations
@@ -19,20 +23,22 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from llama32_jax.checkpoint.safety import MANIFEST, ORBAX_FORMAT, os_errno, short, storage_error, user_path
 from llama32_jax.config_readers import config_from_dict, config_to_dict
 from llama32_jax.configs import ModelConfig
-from llama32_jax.errors import CheckpointError, ConfigError
+from llama32_jax.errors import CheckpointError, ConfigError, LlamaJaxError
 
-MANIFEST = "llama32_jax.json"
 PARAMS_DIR = "params"
-FORMAT = "llama32_jax-orbax"
+FORMAT = ORBAX_FORMAT
 FORMAT_VERSION = 1
+DTYPES = ("bfloat16", "float32", "float16")
 
 
 def _orbax_v1():
@@ -111,8 +117,8 @@ class ParamWriter:
         try:
             with _save_context(self.compress):
                 _orbax_v1().partial.save(self.directory, _nest(self._queue))
-        except OSError as e:
-            raise CheckpointError(f"writing the Orbax checkpoint under {str(self.directory)!r} failed: {e}") from e
+        except Exception as e:
+            raise self._error(e) from e
         self.written_bytes += self._queued
         self._queue, self._queued = {}, 0
 
@@ -120,8 +126,20 @@ class ParamWriter:
         self.flush()
         if not self.written_bytes:
             raise CheckpointError("no parameters were written")
-        _orbax_v1().partial.finalize(self.directory)
+        try:
+            _orbax_v1().partial.finalize(self.directory)
+        except Exception as e:
+            raise self._error(e) from e
         self._closed = True
+
+    def _error(self, e: Exception) -> Exception:
+        """A failed Orbax write: :class:`StorageError` for an OS-level cause (TensorStore reports those as
+        ``ValueError``\\s carrying ``os_error_code``), else :class:`CheckpointError`; typed errors pass through."""
+        if isinstance(e, LlamaJaxError):
+            return e
+        if isinstance(e, OSError) or os_errno(e) is not None:
+            return storage_error(e, self.directory)
+        return CheckpointError(f"writing the Orbax checkpoint under {str(self.directory)!r} failed: {short(e)}")
 
 
 def write_manifest(directory: str | os.PathLike, config: ModelConfig, *, dtype: str, source: dict, tokenizer: list):
@@ -134,6 +152,7 @@ def write_manifest(directory: str | os.PathLike, config: ModelConfig, *, dtype: 
         "config": config_to_dict(config),
         "source": source,
         "tokenizer_files": tokenizer,
+        "files": _file_sizes(Path(directory), PARAMS_DIR),
     }
     path = Path(directory) / MANIFEST
     with open(path, "w", encoding="utf-8") as f:
@@ -143,21 +162,38 @@ def write_manifest(directory: str | os.PathLike, config: ModelConfig, *, dtype: 
         os.fsync(f.fileno())
 
 
+def _file_sizes(root: Path, sub: str) -> dict[str, int]:
+    """``{relative path: size}`` of every file under ``root / sub`` (recorded in the manifest, checked on restore)."""
+    out = {}
+    for dirpath, _, files in os.walk(root / sub):
+        for name in sorted(files):
+            full = Path(dirpath) / name
+            out[full.relative_to(root).as_posix()] = full.stat().st_size
+    return dict(sorted(out.items()))
+
+
 def is_converted_checkpoint(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` looks like one of our converted checkpoints (it has the manifest)."""
-    return (Path(directory) / MANIFEST).is_file()
+    return (user_path(directory, "checkpoint path") / MANIFEST).is_file()
 
 
 def read_manifest(directory: str | os.PathLike) -> tuple[dict, ModelConfig]:
-    """The manifest and config of a converted checkpoint, checked (format, version, finalized Orbax tree)."""
-    root = Path(directory)
+    """The manifest and config of a converted checkpoint, checked (format, version, dtype, finalized Orbax tree).
+
+    ``directory`` may be relative, start with ``~`` or be a symlink. Every problem is a :class:`CheckpointError`
+    naming the directory or file."""
+    root = user_path(directory, "checkpoint path")
+    if not root.exists():
+        raise CheckpointError(f"converted checkpoint {str(root)!r} does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"{str(root)!r} is a file; a converted checkpoint is a directory holding {MANIFEST}")
     path = root / MANIFEST
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise CheckpointError(f"{str(root)!r} is not a converted llama32_jax checkpoint (no {MANIFEST})") from e
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"cannot read {str(path)!r}: {e}") from e
+        raise CheckpointError(f"cannot read the manifest {str(path)!r} (damaged?): {short(e)}") from e
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a {FORMAT} manifest")
     if record.get("version") != FORMAT_VERSION:
@@ -165,14 +201,46 @@ def read_manifest(directory: str | os.PathLike) -> tuple[dict, ModelConfig]:
             f"{str(path)!r} has format version {record.get('version')!r}; this llama32_jax reads version "
             f"{FORMAT_VERSION} (reconvert the source checkpoint)"
         )
+    if record.get("dtype") not in DTYPES:
+        raise CheckpointError(f"{str(path)!r}: dtype must be one of {DTYPES}, got {record.get('dtype')!r}")
+    sub = record.get("params", PARAMS_DIR)
+    if not isinstance(sub, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", sub) or sub in (".", ".."):
+        raise CheckpointError(f"{str(path)!r}: 'params' must name a sub-directory, got {sub!r}")
+    files = record.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, int) for k, v in files.items()):
+        raise CheckpointError(f"{str(path)!r}: 'files' must map file names to sizes")
     try:
         config = config_from_dict(record["config"])
-    except (KeyError, ConfigError) as e:
-        raise CheckpointError(f"{str(path)!r}: its config is invalid: {e}") from e
-    params = root / record.get("params", PARAMS_DIR)
+    except (KeyError, TypeError, ConfigError) as e:
+        raise CheckpointError(f"{str(path)!r}: its config is invalid: {short(e)}") from e
+    params = root / sub
+    if not params.is_dir():
+        raise CheckpointError(f"{str(root)!r} has no {sub}/ directory: its parameters are missing")
     if not (params / "commit_success.txt").is_file() and not (params / "_CHECKPOINT_METADATA").is_file():
         raise CheckpointError(f"{str(params)!r} is not a finalized Orbax checkpoint (interrupted conversion?)")
     return record, config
+
+
+def check_files(root: Path, record: dict) -> None:
+    """Every parameter file the manifest lists exists with its recorded size (older manifests list none)."""
+    for name, size in record.get("files", {}).items():
+        file = root / name
+        try:
+            actual = file.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(
+                f"converted checkpoint {str(root)!r} is damaged: its parameter file {name!r} is missing"
+            ) from None
+        except OSError as e:
+            raise CheckpointError(f"converted checkpoint {str(root)!r}: cannot read {name!r}: {short(e)}") from e
+        if actual != size:
+            raise CheckpointError(
+                f"converted checkpoint {str(root)!r} is damaged: its parameter file {name!r} has {actual} bytes, "
+                f"expected {size} (truncated or overwritten?); reconvert it"
+            )
+
+
+_PARAM_IN_ERROR = re.compile(r'"([A-Za-z0-9_.]+)/(?:c/|zarr\.json)')
 
 
 def _abstract_tree(config: ModelConfig, dtype, sharding: Callable[[tuple, tuple], Any] | None) -> dict:
@@ -208,17 +276,31 @@ def restore_params(
     import jax.numpy as jnp
 
     record, config = read_manifest(directory)
+    root = user_path(directory, "checkpoint path")  # Orbax needs an absolute path
+    check_files(root, record)
     dtype = jnp.dtype(param_dtype if param_dtype is not None else record["dtype"])
     v1 = _orbax_v1()
-    path = Path(directory) / record.get("params", PARAMS_DIR)
+    path = root / record.get("params", PARAMS_DIR)
     target = _abstract_tree(config, dtype, sharding)
     load = getattr(v1, "load", None) or v1.load_pytree
     try:
         tree = load(path, target)
-    except ValueError as e:  # structure or shape mismatch between the manifest's config and the stored tree
-        raise CheckpointError(f"{str(path)!r} does not match the config in its manifest: {e}") from e
-    except (OSError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read the Orbax checkpoint {str(path)!r}: {e}") from e
+    except Exception as e:  # TensorStore raises bare Exceptions carrying multi-KB spec dumps: keep the gist
+        reason = short(e)
+        m = _PARAM_IN_ERROR.search(str(e)) or _PARAM_IN_ERROR.search(reason)
+        cause = e.__cause__
+        while m is None and cause is not None:
+            m, cause = _PARAM_IN_ERROR.search(str(cause)), cause.__cause__
+        what = f"parameter {m.group(1)!r}" if m else "its parameters"
+        if "do not match" in reason or "not compatible with the stored shape" in reason:
+            raise CheckpointError(
+                f"converted checkpoint {str(root)!r}: {what} in {record.get('params', PARAMS_DIR)}/ do not match the "
+                f"config in its manifest: {reason}"
+            ) from e
+        raise CheckpointError(
+            f"converted checkpoint {str(root)!r}: cannot read {what} from {record.get('params', PARAMS_DIR)}/ "
+            f"(truncated, deleted or corrupt files?): {reason}"
+        ) from e
     return config, _int_layer_keys(tree)
 
 

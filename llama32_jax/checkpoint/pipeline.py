@@ -1,14 +1,21 @@
 """Streaming conversion of Meta and HF checkpoint directories into our Orbax checkpoints (``llama32_jax.convert``).
 
-The converter never holds the model: it reads one tensor at a time (Meta shards merged by SPEC.md §8.4 through
-bounded memory maps, HF safetensors file by file), maps it through the key tables (strict: an unused source key,
-a shape mismatch or an unfilled parameter is a :class:`~llama32_jax.errors.CheckpointError` naming the key),
-casts it, and hands it to an Orbax writer that flushes every few hundred MB. Peak host memory is therefore a small
+The converter never holds the model: it reads one tensor at a time (Meta shards merged by Meta's column/row
+rules, ``meta.SHARD_DIMS``, through bounded memory maps; HF safetensors file by file), maps it through the key
+tables (strict: an unused source key, a shape mismatch or an unfilled parameter is a
+:class:`~llama32_jax.errors.CheckpointError` naming the key), casts it, and hands it to an Orbax writer that
+flushes every few hundred MB. Peak host memory is therefore a small
 multiple of the largest tensor, whatever the model size (``experiments/bench_convert.py`` measures it).
 
 Everything is written inside a temporary sibling of the output (``.<name>.converting-<pid>-<id>``), which is
 renamed into place only when complete: an interrupted or failed run leaves no output directory, and its temporary
 directory is removed on failure, or by the next run once the process that made it is gone (after a SIGKILL).
+
+Paths may be relative, start with ``~`` or pass through symlinks; the output must not overlap the source, and
+``overwrite`` replaces only an empty directory or a complete earlier output of ours
+(:mod:`llama32_jax.checkpoint.safety`). A failed write (disk full ...) is a
+:class:`~llama32_jax.errors.StorageError` naming the output; the source's tokenizer is loaded before anything is
+written, so a corrupt one is a :class:`~llama32_jax.errors.TokenizerError` and not copied.
 """
 
 from __future__ import annotations
@@ -27,8 +34,10 @@ import numpy as np
 
 from llama32_jax.checkpoint.convert import tensor_mapper
 from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, PARAMS_DIR, ParamWriter, write_manifest
+from llama32_jax.checkpoint.safety import as_write_error, check_source_dir, ours, short, storage_error
+from llama32_jax.checkpoint.safety import check_output as _check_output
 from llama32_jax.configs import ModelConfig
-from llama32_jax.errors import CheckpointError, InvalidInputError
+from llama32_jax.errors import CheckpointError, InvalidInputError, TokenizerError, UnsafePathError
 
 DTYPES = ("bfloat16", "float32", "float16")
 HF_TOKENIZER_FILES = (
@@ -60,14 +69,17 @@ class Source:
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """``"meta"`` (params.json), ``"hf"`` (config.json), ``"orbax"`` (our manifest) or ``"gguf"`` (a .gguf file)."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint path {str(p)!r} does not exist")
+    """``"meta"`` (params.json), ``"hf"`` (config.json), ``"orbax"`` (our manifest) or ``"gguf"`` (a .gguf file).
+
+    ``path`` may be relative, start with ``~`` or be a symlink; a missing or unreadable path is a
+    :class:`CheckpointError` naming it."""
+    p = check_source_dir(path)
     if p.is_file():
         if p.suffix == ".gguf":
             return "gguf"
         raise CheckpointError(f"{str(p)!r} is a file; expected a checkpoint directory (Meta, HF or converted Orbax)")
+    if not p.is_dir():
+        raise CheckpointError(f"{str(p)!r} is neither a checkpoint directory nor a .gguf file")
     if (p / MANIFEST).is_file():
         return "orbax"
     if (p / "params.json").is_file():
@@ -154,7 +166,7 @@ def open_source(
     ``config`` replaces the one the directory's params.json / config.json describes (e.g. for a checkpoint whose
     shapes Meta's params.json cannot express); the tensors must then fit it exactly.
     """
-    p = Path(path)
+    p = check_source_dir(path, "source")
     fmt = detect_format(p)
     if config is not None and not isinstance(config, ModelConfig):
         raise InvalidInputError(f"config must be a llama32_jax ModelConfig, got {type(config).__name__}")
@@ -202,52 +214,63 @@ def _temp_sibling(output: Path, kind: str) -> Path:
     return output.parent / f".{output.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def check_output(output: str | os.PathLike, *, overwrite: bool, source: Path | None = None) -> Path:
-    """Validate an output path: refuse an existing one unless ``overwrite``, and one inside the source."""
-    out = Path(output).absolute()
-    if source is not None:
-        src = source.absolute()
-        if out == src or src in out.parents or out in src.parents:
-            raise InvalidInputError(f"output {str(out)!r} must not be the source {str(src)!r}, inside it, or above it")
-    if out.exists() or out.is_symlink():
-        if not out.is_dir():
-            raise CheckpointError(f"output {str(out)!r} exists and is not a directory")
-        if not overwrite:
-            raise CheckpointError(
-                f"output directory {str(out)!r} already exists; pass overwrite=True (CLI: --overwrite) to replace it"
-            )
-    return out
+def check_output(output: str | os.PathLike, *, overwrite: bool, source: str | os.PathLike | None = None) -> Path:
+    """Validate an output path before anything is written; returns its real path (see
+    :func:`llama32_jax.checkpoint.safety.check_output`: no overlap with ``source`` either way, and ``overwrite``
+    replaces only an empty directory or a complete earlier output of ours)."""
+    return _check_output(output, overwrite=overwrite, source=source)
 
 
 @contextlib.contextmanager
 def atomic_directory(output: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a fresh temporary sibling of ``output``; on success rename it to ``output``, on any error remove it.
 
-    Stale temporaries of runs that were killed are removed first. With ``overwrite`` an existing output is moved
-    aside, replaced, then deleted.
+    Stale temporaries of runs that were killed are removed first. With ``overwrite`` an existing output (checked
+    again at publish time: only an empty directory or an earlier output of ours) is moved aside, replaced, then
+    deleted. An OS-level failure while writing (disk full, quota, read-only ...) is a :class:`StorageError` naming
+    ``output``; the temporary directory is removed either way.
     """
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CheckpointError(f"cannot create the parent directory of {str(output)!r}: {e}") from e
+        raise storage_error(e, output.parent, "creating the parent directory") from e
     for stale in stale_temporaries(output):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = _temp_sibling(output, "converting")
     try:
         tmp.mkdir()
     except OSError as e:
-        raise CheckpointError(f"cannot write in {str(output.parent)!r}: {e}") from e
+        raise storage_error(e, output, "creating a temporary directory beside") from e
     try:
-        yield tmp
-        if output.exists():
+        try:
+            yield tmp
+        except Exception as e:
+            typed = as_write_error(e, output, tmp)
+            if typed is e:
+                raise
+            raise typed from e
+        if output.exists() or output.is_symlink():
             if not overwrite:
                 raise CheckpointError(f"output directory {str(output)!r} appeared while converting; not replaced")
+            ok, why = ours(output) if output.is_dir() and not output.is_symlink() else (False, "it is not a directory")
+            if not ok:
+                raise UnsafePathError(f"output {str(output)!r} changed while writing and {why}; it is not replaced")
             old = _temp_sibling(output, "replaced")
-            os.rename(output, old)
-            os.rename(tmp, output)
+            try:
+                os.rename(output, old)
+            except OSError as e:
+                raise storage_error(e, output, "moving aside the earlier") from e
+            try:
+                os.rename(tmp, output)
+            except OSError as e:
+                os.rename(old, output)  # put the earlier output back
+                raise storage_error(e, output, "publishing") from e
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, output)
+            try:
+                os.rename(tmp, output)
+            except OSError as e:
+                raise storage_error(e, output, "publishing") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -260,6 +283,36 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
+
+
+def check_flush_bytes(flush_bytes) -> int:
+    """``flush_bytes`` as an int: a finite number >= 0 (0: write every tensor on its own)."""
+    import math
+
+    if isinstance(flush_bytes, bool) or not isinstance(flush_bytes, int | float):
+        raise InvalidInputError(f"flush_bytes must be a number of bytes >= 0, got {type(flush_bytes).__name__}")
+    if not math.isfinite(flush_bytes) or flush_bytes < 0:
+        raise InvalidInputError(f"flush_bytes must be a finite number of bytes >= 0, got {flush_bytes!r}")
+    return int(flush_bytes)
+
+
+def check_tokenizer(src: Source) -> None:
+    """Load the source's tokenizer the way ``llama32_jax.load`` will load the output's, before anything is written:
+    a corrupt or unreadable ``tokenizer.json`` / ``tokenizer.model`` is a :class:`TokenizerError` naming it."""
+    names = {f.name for f in src.tokenizer_files}
+    if not names & {"tokenizer.json", "tokenizer.model"}:
+        return
+    from llama32_jax.tokenizer import load_tokenizer
+
+    which = src.path / ("tokenizer.json" if "tokenizer.json" in names else "tokenizer.model")
+    try:
+        load_tokenizer(src.path)
+    except TokenizerError as e:
+        raise TokenizerError(f"the source's tokenizer cannot be loaded, so nothing was converted: {e}") from e
+    except Exception as e:  # e.g. PermissionError, or a parser's own exception type
+        raise TokenizerError(
+            f"cannot load the source's tokenizer {str(which)!r}, so nothing was converted: {short(e)}"
+        ) from e
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -281,15 +334,20 @@ def convert(
     """Convert a Meta or HF checkpoint directory into a llama32_jax Orbax checkpoint at ``output``.
 
     ``source``: a Meta directory (``params.json``, ``consolidated.NN.pth``, ``tokenizer.model``) or an HF
-    directory (``config.json``, safetensors, tokenizer files); the format is detected. ``dtype``: the stored
-    parameter dtype (``"bfloat16"``, ``"float32"`` or ``"float16"``). ``overwrite``: replace an existing output
-    (otherwise it is an error). ``rope_factor`` / ``tie_embeddings``: Meta sources only, as in
+    directory (``config.json``, safetensors, tokenizer files); the format is detected. Both paths may be relative,
+    start with ``~`` or pass through symlinks; they must not overlap (either way: :class:`UnsafePathError`).
+    ``dtype``: the stored parameter dtype (``"bfloat16"``, ``"float32"`` or ``"float16"``). ``overwrite``: replace
+    an existing output, which must be an empty directory or a complete earlier output of ours holding nothing else
+    (anything else is an :class:`UnsafePathError` and is left untouched); without it an existing output is an
+    error. ``rope_factor`` / ``tie_embeddings``: Meta sources only, as in
     :func:`~llama32_jax.configs.from_params_json` (``tie_embeddings=None`` decides from the tensors).
     ``config``: use this config instead of the directory's (the tensors must fit it exactly).
-    ``flush_bytes``: how much is queued before each Orbax write. ``compress``: zstd-compress the stored arrays
-    (smaller files, but Orbax then holds a compressed copy of each write in memory).
+    ``flush_bytes``: how much is queued before each Orbax write (a finite number >= 0). ``compress``:
+    zstd-compress the stored arrays (smaller files, but Orbax then holds a compressed copy of each write in memory).
 
-    Streams tensor by tensor and publishes atomically (see the module docstring). Returns the output path. Load the
+    The source's tokenizer is loaded first (a corrupt one is a :class:`TokenizerError`; nothing is written). Streams
+    tensor by tensor and publishes atomically (see the module docstring); a failed write (disk full ...) is a
+    :class:`~llama32_jax.errors.StorageError` and leaves nothing behind. Returns the output's real path. Load the
     result with ``llama32_jax.load(output)``.
     """
     import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
@@ -297,9 +355,11 @@ def convert(
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    flush_bytes = check_flush_bytes(flush_bytes)
     np_dtype = np.dtype(dtype)
     src = open_source(source, rope_factor=rope_factor, tie_embeddings=tie_embeddings, config=config)
     out = check_output(output, overwrite=overwrite, source=src.path)
+    check_tokenizer(src)
     config = src.config
     mapper = tensor_mapper(config, src.fmt)
     digests: dict[str, str] = {}
@@ -336,7 +396,7 @@ def convert(
         for file in src.tokenizer_files:
             shutil.copy2(file, tmp / file.name)
             names.append(file.name)
-        record = {"format": src.fmt, "path": str(src.path.absolute())}
+        record = {"format": src.fmt, "path": os.path.realpath(src.path)}
         write_manifest(tmp, config, dtype=dtype, source=record, tokenizer=names)
         _fsync_tree(tmp)
     return out

@@ -102,7 +102,9 @@ def write_tokenizer_files(model: Any, directory: str | os.PathLike) -> list[str]
     from llama32_jax.tokenizer import HFTokenizer, LlamaTokenizer, default_llama3_tokenizer_path
 
     directory = Path(directory)
-    source = Path(model.source) if model.source and os.path.isdir(model.source) else None
+    source = getattr(model, "source", None)
+    source = Path(os.path.expanduser(source)) if isinstance(source, str) else None
+    source = source if source is not None and source.is_dir() else None
     names = [n for n in HF_TOKENIZER_FILES if source is not None and (source / n).is_file()]
     if names:
         for name in names:
@@ -139,39 +141,40 @@ def export_model(
     *,
     dtype: str = "bfloat16",
     record: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write the trained model as a Hugging Face directory, LoRA adapters merged into the weights.
 
     ``model`` is the base ``llama32_jax.Model`` (for its tokenizer: :func:`write_tokenizer_files`). The directory
     holds ``config.json``, ``model.safetensors`` (``dtype``), the tokenizer files and ``finetune.json`` (``record``
-    plus whether LoRA was merged). It is built under a temporary sibling and renamed into place when complete; an
-    existing ``output`` is refused. The trainer is left as it was (the merge works on a copy of its variables).
+    plus whether LoRA was merged) and the export marker ``llama32_jax_export.json``. It is built under a temporary
+    sibling and renamed into place when complete (a failed write, e.g. a full disk, is a
+    :class:`~llama32_jax.errors.StorageError` and leaves nothing); an existing ``output`` is refused unless
+    ``overwrite`` and it is an earlier llama32_jax output (never a foreign directory), as is one that overlaps the
+    base model's directory. ``output`` may be relative or start with ``~``. The trainer is left as it
+    was (the merge works on a copy of its variables).
     ``llama32_jax.load(output)`` reads the result; ``python -m llama32_jax.convert`` converts it to Orbax.
     """
 
     from flax import nnx
 
     from llama32_jax.api import Model
-    from llama32_jax.checkpoint.hf_export import export_hf
+    from llama32_jax.checkpoint.hf_export import _source_path, write_export_marker, write_hf_files
+    from llama32_jax.checkpoint.pipeline import atomic_directory, check_output
     from llama32_jax.lora import has_lora, merge_lora
 
-    out = Path(output).absolute()
-    if out.exists():
-        raise CheckpointError(f"output {str(out)!r} exists; choose a new directory")
+    if dtype not in ("bfloat16", "float32", "float16"):
+        raise InvalidInputError(f"dtype must be one of ('bfloat16', 'float32', 'float16'), got {dtype!r}")
+    out = check_output(output, overwrite=overwrite, source=_source_path(model))
     # copy=True: nnx.merge would otherwise share Variables with the trainer, and merging would change its state.
     module = nnx.merge(trainer.graphdef, trainer.trainable, trainer.frozen, copy=True)
     merged = has_lora(module)
     if merged:
         merge_lora(module)
-    tmp = out.parent / f".{out.name}.exporting-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        export_hf(Model(module, model.tokenizer), tmp, dtype=dtype)
+    with atomic_directory(out, overwrite=overwrite) as tmp:
+        write_hf_files(Model(module, None), tmp, dtype=dtype, tokenizer_dir=None)
         files = write_tokenizer_files(model, tmp)
         info = {**(record or {}), "lora_merged": merged, "dtype": dtype, "tokenizer_files": files}
         (tmp / "finetune.json").write_text(json.dumps(info, indent=2) + "\n")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_export_marker(tmp, dtype=dtype)
     return out

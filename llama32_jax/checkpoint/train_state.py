@@ -43,6 +43,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from llama32_jax.checkpoint.safety import os_errno, short, storage_error, user_path
 from llama32_jax.checkpoint.train_models import BUILTIN_MODELS, load_base_model
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.train import TrainConfig, Trainer
@@ -81,10 +82,13 @@ def config_from_json(data: Mapping[str, Any]) -> TrainConfig:
 
 def normalize_model_path(model: str | os.PathLike) -> str:
     """How a base model is recorded: an existing path made absolute (symlinks resolved), a built-in name as is."""
+    if isinstance(model, bytes) or not isinstance(model, str | os.PathLike):
+        raise InvalidInputError(f"base_model must be a path or a built-in name, got {type(model).__name__}")
     text = os.fspath(model)
     if text in BUILTIN_MODELS:
         return text
-    return str(Path(text).resolve()) if os.path.exists(text) else text
+    expanded = os.path.expanduser(text)
+    return str(Path(expanded).resolve()) if os.path.exists(expanded) else text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,9 +251,11 @@ class TrainCheckpointer:
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise InvalidInputError(f"max_to_keep must be None or an int >= 1, got {max_to_keep!r}")
         ocp = _ocp()
-        self.directory = Path(directory).absolute()
+        self.directory = user_path(directory, "checkpoint directory")  # relative and ~ paths; Orbax needs absolute
         if self.directory.exists() and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {str(self.directory)!r} is a file")
+        if run is None and not self.directory.is_dir():
+            raise CheckpointError(f"{str(self.directory)!r} holds no checkpoint to resume from (it does not exist)")
         self.save_every = save_every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=save_every,
@@ -263,7 +269,10 @@ class TrainCheckpointer:
             "data": ocp.JsonCheckpointHandler(),
             "run": ocp.JsonCheckpointHandler(),
         }
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        try:
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        except OSError as e:  # e.g. the directory cannot be created (permission denied, read-only, a file above it)
+            raise storage_error(e, self.directory, "opening the checkpoint directory") from e
         stored = self.stored_run()
         if run is None:
             if stored is None:
@@ -317,8 +326,10 @@ class TrainCheckpointer:
         try:
             saved = self._manager.save(step, args=args, force=force)
             self._manager.wait_until_finished()
-        except OSError as e:
-            raise CheckpointError(f"saving step {step} under {str(self.directory)!r} failed: {e}") from e
+        except Exception as e:  # disk full / quota / read-only: StorageError (TensorStore reports an OS error code)
+            if isinstance(e, OSError) or os_errno(e) is not None:
+                raise storage_error(e, self.directory, f"saving step {step} under") from e
+            raise CheckpointError(f"saving step {step} under {str(self.directory)!r} failed: {short(e)}") from e
         return bool(saved)
 
     def restore(self, trainer: Trainer, step: int | None = None) -> dict[str, Any] | None:
@@ -347,8 +358,8 @@ class TrainCheckpointer:
         )
         try:
             restored = self._manager.restore(step, args=args)
-        except (ValueError, KeyError, OSError) as e:
-            raise CheckpointError(f"{where}: restoring the training state failed: {e}") from e
+        except Exception as e:  # TensorStore raises bare Exceptions with multi-KB dumps for damaged files
+            raise CheckpointError(f"{where}: restoring the training state failed (damaged files?): {short(e)}") from e
         flat = _unnest(restored["state"])
         leaves = [flat[path] for path in current]
         state = jax.tree_util.tree_unflatten(treedef, leaves)
@@ -399,11 +410,12 @@ class TrainCheckpointer:
 
 def read_run(directory: str | os.PathLike) -> RunSpec | None:
     """The run record of the latest checkpoint under ``directory`` (None if it holds no checkpoint)."""
-    if not Path(directory).is_dir():
+    root = user_path(directory, "checkpoint directory")
+    if not root.is_dir():
         return None
     ocp = _ocp()
     manager = ocp.CheckpointManager(
-        Path(directory).absolute(),
+        root,
         options=ocp.CheckpointManagerOptions(create=False),
         item_handlers={"run": ocp.JsonCheckpointHandler()},
     )
