@@ -24,7 +24,7 @@ import torch
 import llama32_jax as lj
 from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, read_manifest, restore_params
 from llama32_jax.configs import TINY_TEXT
-from llama32_jax.errors import CheckpointError, ConfigError, InvalidInputError, LlamaJaxError
+from llama32_jax.errors import CheckpointError, ConfigError, InvalidInputError, LlamaJaxError, StorageError, UnsafePathError
 from tests.checkpoint.test_meta_dir import PARAMS, _Payload, _write
 from tests.refs import hf_llama, meta_transformer, torch_logits
 
@@ -316,23 +316,29 @@ def test_unsupported_architecture(tmp_path, hf_untied):
 
 def test_existing_output_refused_unless_overwrite(tmp_path, hf_untied):
     src, _, tokens, expected = hf_untied
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("user data")
+    out = lj.convert(src, tmp_path / "out", progress=False)  # an earlier output of ours (bfloat16)
     with pytest.raises(CheckpointError, match="already exists.*overwrite"):
         lj.convert(src, out, progress=False)
     proc = _cli("--source", str(src), "--output", str(out))
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
-    assert (out / "keep.txt").read_text() == "user data"
     lj.convert(src, out, dtype="float32", overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / MANIFEST).is_file()
+    assert read_manifest(out)[0]["dtype"] == "float32"
     assert np.abs(_logits(out, tokens) - expected).max() <= TOL
+    assert _leftovers(tmp_path) == []
+    # A directory that is not an output of ours is never replaced, with or without overwrite.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("user data")
+    for overwrite in (False, True):
+        with pytest.raises(UnsafePathError, match="already exists and it is not an output of llama32_jax"):
+            lj.convert(src, foreign, overwrite=overwrite, progress=False)
+    assert (foreign / "keep.txt").read_text() == "user data"
     assert _leftovers(tmp_path) == []
 
 
 def test_output_inside_source_refused(tmp_path, hf_untied):
     src = hf_untied[0]
-    with pytest.raises(InvalidInputError, match="must not be the source"):
+    with pytest.raises(UnsafePathError, match="lies inside the source"):
         lj.convert(src, src / "converted", progress=False)
     assert not (src / "converted").exists()
 
@@ -351,7 +357,7 @@ def test_write_failure_midway_leaves_nothing(tmp_path, hf_untied, monkeypatch):
 
     monkeypatch.setattr(partial, "save", failing_save)
     out = tmp_path / "out"
-    with pytest.raises(CheckpointError, match="No space left on device"):
+    with pytest.raises(StorageError, match=r"out'.*\[Errno 28\] No space left on device"):
         lj.convert(hf_untied[0], out, flush_bytes=0, progress=False)
     assert calls["n"] == 3
     assert not out.exists() and _leftovers(tmp_path) == []

@@ -1,0 +1,584 @@
+"""Path arguments, output safety and damaged files for conversion, export and loading.
+
+Every path argument takes relative paths, ``~`` and symlinks; an output never overlaps its source (real paths
+compared, so ``..`` and symlinks are seen through); ``overwrite`` replaces only an empty directory or a complete
+earlier output of ours; a failed write (disk full, file too large, read-only ...) is a ``StorageError`` (CLI exit
+2) that leaves nothing behind; a damaged converted checkpoint is a short ``CheckpointError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import llama32_jax as lj
+from llama32_jax.checkpoint import hf_export, orbax_ckpt, pipeline, safety
+from llama32_jax.checkpoint.hf_export import export_hf
+from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, read_manifest, restore_params
+from llama32_jax.checkpoint.safety import EXPORT_MARKER
+from llama32_jax.convert import main as cli_main
+from llama32_jax.errors import (
+    CheckpointError,
+    InvalidInputError,
+    StorageError,
+    TokenizerError,
+    UnsafePathError,
+)
+from tests.checkpoint.test_convert import TOL, _leftovers, hf_untied  # noqa: F401  (hf_untied: a fixture)
+from tests.checkpoint.test_meta_dir import PARAMS, _write
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    env.pop("XLA_FLAGS", None)
+    return env
+
+
+def _cli(*args: str, cwd: Path = ROOT, fsize: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m llama32_jax.convert`` in a subprocess; ``fsize``: RLIMIT_FSIZE in bytes (SIGXFSZ ignored, so a
+    write past it fails with EFBIG, as a full disk fails with ENOSPC)."""
+    limit = ""
+    if fsize is not None:
+        limit = (
+            "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize}, {fsize})); "
+        )
+    code = f"{limit}import runpy; runpy.run_module('llama32_jax.convert', run_name='__main__', alter_sys=True)"
+    return subprocess.run(
+        [sys.executable, "-c", code, "--no-progress", *args], cwd=cwd, env=_env(), capture_output=True, text=True
+    )
+
+
+def _refused(proc: subprocess.CompletedProcess, error: str, match: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert f"error: {error}: " in proc.stderr and match in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _logits(path, tokens) -> np.ndarray:
+    return np.asarray(lj.load(path, dtype="float32").logits(tokens))
+
+
+def _byte_tokenizer_json(path: Path) -> None:
+    from llama32_jax.checkpoint.train_models import byte_tokenizer
+
+    byte_tokenizer().backend.save(str(path))
+
+
+@pytest.fixture
+def hf_src(tmp_path, hf_untied):
+    """A copy of the tiny HF model with a tokenizer.json, in ``tmp_path / "src"``."""
+    src = shutil.copytree(hf_untied[0], tmp_path / "src")
+    _byte_tokenizer_json(src / "tokenizer.json")
+    return src
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory, hf_untied):
+    root = tmp_path_factory.mktemp("converted")
+    src = shutil.copytree(hf_untied[0], root / "src")
+    return lj.convert(src, root / "ckpt", dtype="float32", progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Relative paths, ~ and symlinks
+
+
+def test_relative_paths_everywhere(tmp_path, monkeypatch, hf_src, hf_untied):
+    _, _, tokens, expected = hf_untied
+    monkeypatch.chdir(tmp_path)
+    out = lj.convert("src", "ckpt/tiny", dtype="float32", progress=False)
+    assert out == tmp_path / "ckpt" / "tiny"
+    record, _ = read_manifest("ckpt/tiny")
+    assert record["source"]["path"] == str(hf_src)
+    assert restore_params("ckpt/tiny")[0].text.vocab_size == 512
+    np.testing.assert_allclose(_logits("ckpt/tiny", tokens), expected, atol=TOL, rtol=0)  # the issue's failure
+    model = lj.load("./ckpt/../ckpt/tiny", dtype="float32")
+    assert model.tokenizer is not None
+    assert export_hf(model, "hf", dtype="float32") == tmp_path / "hf"
+    np.testing.assert_allclose(_logits("hf", tokens), expected, atol=TOL, rtol=0)
+    # The CLI, run from tmp_path with relative --source / --output: to Orbax, then the converted one to HF.
+    assert _cli("--source", "src", "--output", "cli/orbax", "--dtype", "float32", cwd=tmp_path).returncode == 0
+    proc = _cli("--source", "cli/orbax", "--output", "cli/hf", "--to", "hf", "--dtype", "float32", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "cli/hf" / EXPORT_MARKER).is_file()
+    np.testing.assert_allclose(_logits(tmp_path / "cli/hf", tokens), expected, atol=TOL, rtol=0)
+
+
+def test_relative_meta_directory(tmp_path, monkeypatch):
+    from tests.refs import meta_transformer
+
+    ref = meta_transformer(PARAMS, max_seq_len=16, max_batch_size=1, seed=5)
+    _write(tmp_path / "meta" / "original", {k: v.detach().clone() for k, v in ref.state_dict().items()}, 2)
+    monkeypatch.chdir(tmp_path / "meta")
+    out = lj.convert("original", "../ckpt", progress=False)
+    assert out == tmp_path / "ckpt" and (out / "tokenizer.model").is_file()
+    assert lj.load("../ckpt").config.name == "original"
+
+
+def test_tilde_paths(tmp_path, monkeypatch, hf_src, hf_untied):
+    _, _, tokens, expected = hf_untied
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    shutil.move(hf_src, home / "src")
+    out = lj.convert("~/src", "~/ckpt", dtype="float32", progress=False)
+    assert out == home / "ckpt"
+    assert read_manifest("~/ckpt")[1].text.n_layers == 2
+    restore_params("~/ckpt")
+    model = lj.load("~/ckpt", dtype="float32")
+    np.testing.assert_allclose(np.asarray(model.logits(tokens)), expected, atol=TOL, rtol=0)
+    assert export_hf(model, "~/hf") == home / "hf"
+    assert pipeline.detect_format("~/hf") == "hf"
+
+
+def test_symlinked_source_and_output(tmp_path, hf_src, hf_untied):
+    _, _, tokens, expected = hf_untied
+    (tmp_path / "link-src").symlink_to(hf_src)
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "out-dir").symlink_to(tmp_path / "disk")  # the output's parent is a symlink
+    out = lj.convert(tmp_path / "link-src", tmp_path / "out-dir" / "ckpt", dtype="float32", progress=False)
+    assert out == tmp_path / "disk" / "ckpt" and out.is_dir()
+    assert read_manifest(out)[1].name == "link-src"  # the name the user gave, not the link target's
+    (tmp_path / "ckpt-link").symlink_to(out)
+    np.testing.assert_allclose(_logits(tmp_path / "ckpt-link", tokens), expected, atol=TOL, rtol=0)
+    # An HF directory whose files are symlinks (the Hugging Face cache layout) converts too.
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir(), snap.mkdir()
+    for f in hf_src.iterdir():
+        shutil.copy(f, blobs / f.name)
+        (snap / f.name).symlink_to(blobs / f.name)
+    out2 = lj.convert(snap, tmp_path / "from-cache", dtype="float32", progress=False)
+    assert not (out2 / "tokenizer.json").is_symlink()
+    np.testing.assert_allclose(_logits(out2, tokens), expected, atol=TOL, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Overlap between source and output, and what overwrite may replace
+
+
+def test_the_issues_data_loss_scenario_is_refused(tmp_path, converted):
+    parent = tmp_path / "P"
+    parent.mkdir()
+    shutil.copytree(converted, parent / "ok")
+    (parent / "unrelated.txt").write_text("keep me")
+    proc = _cli("--source", str(parent / "ok"), "--output", str(parent), "--to", "hf", "--overwrite")
+    _refused(proc, "UnsafePathError", "contains the source")
+    assert (parent / "unrelated.txt").read_text() == "keep me"
+    assert (parent / "ok" / MANIFEST).is_file() and sorted(p.name for p in parent.iterdir()) == ["ok", "unrelated.txt"]
+    restore_params(parent / "ok")  # intact
+
+
+@pytest.mark.parametrize(
+    "output, match",
+    [
+        ("src", "is the source"),
+        ("src/../src", "is the source"),
+        ("link", "is the source"),
+        ("src/sub/out", "lies inside the source"),
+        ("link/out", "lies inside the source"),
+        ("elsewhere/../src/out", "lies inside the source"),
+        (".", "contains the source"),
+        ("uplink", "contains the source"),
+    ],
+)
+def test_overlap_is_refused_either_way(tmp_path, monkeypatch, converted, output, match):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(converted, "src")
+    Path("link").symlink_to(tmp_path / "src")
+    Path("uplink").symlink_to(tmp_path)
+    Path("elsewhere").mkdir()
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    model = lj.load("src", dtype="float32")
+    for overwrite in (False, True):
+        with pytest.raises(UnsafePathError, match=match):
+            export_hf(model, output, overwrite=overwrite)
+        with pytest.raises(UnsafePathError, match=match):
+            pipeline.check_output(output, overwrite=overwrite, source="link")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_convert_overlap_through_dotdot_and_symlink(tmp_path, hf_src):
+    (tmp_path / "link").symlink_to(hf_src)
+    before = sorted(p.name for p in hf_src.iterdir())
+    for output, match in [
+        (hf_src / ".." / "src", "is the source"),
+        (tmp_path / "link" / "out", "lies inside the source"),
+        (tmp_path, "contains the source"),
+    ]:
+        with pytest.raises(UnsafePathError, match=match):
+            lj.convert(tmp_path / "link", output, overwrite=True, progress=False)
+    assert sorted(p.name for p in hf_src.iterdir()) == before
+
+
+def test_overwrite_replaces_only_our_complete_outputs(tmp_path, monkeypatch, hf_src, converted):
+    model = lj.load(converted, dtype="float32")
+    # Ours: an earlier HF export (marker), a converted checkpoint (manifest), an empty directory.
+    first = export_hf(model, tmp_path / "hf")
+    assert json.loads((first / EXPORT_MARKER).read_text())["files"] == sorted(
+        p.name for p in first.iterdir() if p.name != EXPORT_MARKER
+    )
+    export_hf(model, tmp_path / "hf", overwrite=True, dtype="float32")
+    assert json.loads((first / EXPORT_MARKER).read_text())["dtype"] == "float32"
+    ours = lj.convert(hf_src, tmp_path / "orbax", progress=False)
+    export_hf(model, ours, overwrite=True)  # a converted checkpoint may become an HF export
+    assert not (ours / MANIFEST).exists() and (ours / EXPORT_MARKER).is_file()
+    (tmp_path / "empty").mkdir()
+    lj.convert(hf_src, tmp_path / "empty", overwrite=True, progress=False)
+    # Not ours: each refused with overwrite, nothing deleted.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    a_file = tmp_path / "file.bin"
+    a_file.write_bytes(b"data")
+    extra = shutil.copytree(tmp_path / "empty", tmp_path / "ours-plus")
+    (extra / "my-notes.txt").write_text("mine")
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / MANIFEST).write_text("{not json")
+    (fake / "params").mkdir()
+    home = tmp_path / "users" / "me"
+    home.mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    cases = [
+        (foreign, "it is not an output of llama32_jax"),
+        (a_file, "exists and is a file"),
+        (extra, r"files that are not part of a llama32_jax output: \['my-notes.txt'\]"),
+        (fake, "not a readable llama32_jax manifest"),
+        ("~", "your home directory"),
+        (tmp_path / "users", "a directory above your home directory"),
+        ("/", "file system root"),
+    ]
+    for output, match in cases:
+        with pytest.raises(UnsafePathError, match=match):
+            lj.convert(hf_src, output, overwrite=True, progress=False)
+        with pytest.raises(UnsafePathError, match=match):
+            export_hf(model, output, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine" and a_file.read_bytes() == b"data"
+    assert (extra / "my-notes.txt").is_file() and (extra / MANIFEST).is_file() and (fake / MANIFEST).is_file()
+    proc = _cli("--source", str(hf_src), "--output", str(foreign), "--overwrite")
+    _refused(proc, "UnsafePathError", "not an output of llama32_jax")
+    assert _leftovers(tmp_path) == []
+
+
+def test_output_that_became_foreign_while_writing_is_not_replaced(tmp_path, hf_src, monkeypatch):
+    out = lj.convert(hf_src, tmp_path / "out", progress=False)
+    real_close = orbax_ckpt.ParamWriter.close
+
+    def close_and_meddle(self):
+        real_close(self)
+        (out / "arrived-meanwhile.txt").write_text("mine")
+
+    monkeypatch.setattr(orbax_ckpt.ParamWriter, "close", close_and_meddle)
+    with pytest.raises(UnsafePathError, match="changed while writing"):
+        lj.convert(hf_src, out, overwrite=True, progress=False)
+    assert (out / "arrived-meanwhile.txt").is_file() and (out / MANIFEST).is_file()
+    assert _leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Wrong kinds of path, missing and unreadable paths
+
+
+def test_wrong_kind_missing_and_unreadable_paths(tmp_path, monkeypatch, hf_src, converted):
+    a_file = tmp_path / "file.json"
+    a_file.write_text("{}")
+    with pytest.raises(CheckpointError, match=r"file\.json' is a file; expected a checkpoint directory"):
+        lj.convert(a_file, tmp_path / "o", progress=False)
+    with pytest.raises(CheckpointError, match=r"missing' does not exist"):
+        lj.convert(tmp_path / "missing", tmp_path / "o", progress=False)
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(CheckpointError, match="dangling symlink"):
+        lj.convert(tmp_path / "dangling", tmp_path / "o", progress=False)
+    with pytest.raises(UnsafePathError, match=r"file\.json' is a file, not a directory"):
+        lj.convert(hf_src, a_file / "sub" / "o", progress=False)
+    with pytest.raises(InvalidInputError, match="source is an empty path"):
+        lj.convert("", tmp_path / "o", progress=False)
+    with pytest.raises(InvalidInputError, match="output must be a path"):
+        lj.convert(hf_src, 3, progress=False)
+    with pytest.raises(CheckpointError, match=r"file\.json' is a file; a converted checkpoint is a directory"):
+        read_manifest(a_file)
+    with pytest.raises(CheckpointError, match=r"nothing' does not exist"):
+        restore_params(tmp_path / "nothing")
+    with pytest.raises(InvalidInputError, match="tokenizer_dir .* is not a directory"):
+        export_hf(lj.load(converted), tmp_path / "x", tokenizer_dir=a_file)
+    # Permissions (we may run as root, where chmod does not bite: os.access stands in for the kernel's answer).
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != hf_src and real_access(p, mode, **kw))
+    with pytest.raises(CheckpointError, match=r"src' is not readable \(permission denied\)"):
+        lj.convert(hf_src, tmp_path / "o", progress=False)
+    (tmp_path / "locked").mkdir()
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path / "locked")
+    with pytest.raises(StorageError, match=r"locked' is not writable \(permission denied\)") as info:
+        lj.convert(converted.parent / "src", tmp_path / "locked" / "o", progress=False)
+    assert info.value.errno == errno.EACCES
+    assert not (tmp_path / "o").exists() and not (tmp_path / "locked" / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Disk full and other failed writes: StorageError, exit 2, nothing left behind
+
+
+def _nothing_left(parent: Path, name: str) -> None:
+    assert not (parent / name).exists()
+    assert [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")] == []
+
+
+def test_file_size_limit_during_convert_and_export(tmp_path, hf_src, converted):
+    """A real failing write: RLIMIT_FSIZE makes the kernel refuse writes past 64 KB with EFBIG."""
+    proc = _cli("--source", str(hf_src), "--output", str(tmp_path / "out"), fsize=64 * 1024)
+    _refused(proc, "StorageError", "File too large")
+    assert f"{tmp_path}" in proc.stderr and len(proc.stderr) < 1500
+    _nothing_left(tmp_path, "out")
+    proc = _cli("--source", str(converted), "--output", str(tmp_path / "hf"), "--to", "hf", fsize=64 * 1024)
+    _refused(proc, "StorageError", "[Errno 27] File too large")
+    _nothing_left(tmp_path, "hf")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES])
+def test_os_errors_while_writing_become_storage_errors(tmp_path, monkeypatch, hf_src, converted, code):
+    def failing(path, *args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(pipeline, "write_manifest", failing)  # after the arrays and tokenizer were written
+    with pytest.raises(StorageError, match=rf"out'.*\[Errno {code}\] {os.strerror(code)}") as info:
+        lj.convert(hf_src, tmp_path / "out", progress=False)
+    assert info.value.errno == code
+    _nothing_left(tmp_path, "out")
+    monkeypatch.setattr(hf_export, "write_safetensors", failing)
+    with pytest.raises(StorageError, match=rf"hf'.*\[Errno {code}\]"):
+        export_hf(lj.load(converted), tmp_path / "hf")
+    _nothing_left(tmp_path, "hf")
+
+
+def test_disk_full_in_cli_is_exit_2(tmp_path, monkeypatch, capsys, hf_src):
+    real_copy = shutil.copy2
+
+    def copy_fails(src, dst, *a, **kw):
+        if Path(src).name == "tokenizer.json":
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_copy(src, dst, *a, **kw)
+
+    monkeypatch.setattr(shutil, "copy2", copy_fails)
+    assert cli_main(["--source", str(hf_src), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: StorageError: ") and "No space left on device" in err
+    _nothing_left(tmp_path, "out")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Damaged converted checkpoints
+
+
+def _damaged(tmp_path: Path, converted: Path, how: str) -> Path:
+    ckpt = shutil.copytree(converted, tmp_path / "ckpt")
+    files = sorted((p for p in (ckpt / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    biggest = files[-1]
+    if how == "truncated":
+        with open(biggest, "r+b") as f:
+            f.truncate(biggest.stat().st_size // 2)
+    elif how == "deleted":
+        biggest.unlink()
+    elif how == "manifest":
+        (ckpt / MANIFEST).write_text('{"format": "llama32_jax-orbax", "vers')
+    elif how == "no-params":
+        shutil.rmtree(ckpt / "params")
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    "how, match",
+    [
+        ("truncated", r"is damaged: its parameter file 'params/.*' has \d+ bytes, expected \d+ \(truncated"),
+        ("deleted", r"is damaged: its parameter file 'params/.*' is missing"),
+        ("manifest", r"cannot read the manifest '.*llama32_jax\.json' \(damaged\?\)"),
+        ("no-params", r"has no params/ directory"),
+    ],
+)
+def test_damaged_checkpoint_is_a_short_checkpoint_error(tmp_path, converted, how, match):
+    ckpt = _damaged(tmp_path, converted, how)
+    for call in (restore_params, lj.load):
+        with pytest.raises(CheckpointError, match=match) as info:
+            call(ckpt)
+        assert str(ckpt) in str(info.value) and len(str(info.value)) < 600
+
+
+def test_damage_found_by_orbax_is_short_and_names_the_parameter(tmp_path, converted):
+    """A checkpoint whose manifest lists no file sizes (or damage the sizes cannot see): Orbax's error, cut short."""
+    ckpt = _damaged(tmp_path, converted, "truncated")
+    record = json.loads((ckpt / MANIFEST).read_text())
+    del record["files"]
+    (ckpt / MANIFEST).write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"cannot read parameter '[\w.]+' from params/ \(truncated") as info:
+        lj.load(ckpt)
+    assert str(ckpt) in str(info.value) and len(str(info.value)) < 800
+    assert "TensorStore" not in str(info.value) and "'driver'" not in str(info.value)
+
+
+def test_manifest_fields_are_checked(tmp_path, converted):
+    ckpt = shutil.copytree(converted, tmp_path / "ckpt")
+    good = json.loads((ckpt / MANIFEST).read_text())
+    for field, value, match in [
+        ("dtype", "int4", "dtype must be one of"),
+        ("params", "../../etc", "'params' must name a sub-directory"),
+        ("files", ["x"], "'files' must map file names to sizes"),
+        ("config", {"text": 3}, "its config is invalid"),
+    ]:
+        (ckpt / MANIFEST).write_text(json.dumps({**good, field: value}))
+        with pytest.raises(CheckpointError, match=match):
+            read_manifest(ckpt)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command-line arguments
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--flush-mb", "inf"], "argument --flush-mb: must be a finite number of MB > 0, got 'inf'"),
+        (["--flush-mb", "nan"], "argument --flush-mb: must be a finite number of MB > 0"),
+        (["--flush-mb", "0"], "argument --flush-mb: must be a finite number of MB > 0, got '0'"),
+        (["--flush-mb", "-5"], "argument --flush-mb: must be a finite number of MB > 0"),
+        (["--flush-mb", "lots"], "argument --flush-mb: must be a number of MB, got 'lots'"),
+        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
+        (["--to", "zip"], "argument --to: invalid choice: 'zip'"),
+    ],
+)
+def test_bad_cli_arguments_exit_2(tmp_path, capsys, args, match):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["--source", str(tmp_path), "--output", str(tmp_path / "o"), *args])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_required_cli_arguments_exit_2(capsys):
+    for argv in (["--output", "o"], ["--source", "s"]):
+        with pytest.raises(SystemExit) as info:
+            cli_main(argv)
+        assert info.value.code == 2
+        assert "the following arguments are required" in capsys.readouterr().err
+
+
+def test_orbax_only_flags_with_to_hf_exit_2(tmp_path, capsys, converted):
+    code = cli_main(["--source", str(converted), "--output", str(tmp_path / "o"), "--to", "hf", "--flush-mb", "8"])
+    assert code == 2 and "--flush-mb/--compress apply to conversion to orbax" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_flush_bytes_is_validated(tmp_path, hf_src):
+    for bad in (float("inf"), float("nan"), -1, "256", True):
+        with pytest.raises(InvalidInputError, match="flush_bytes must be"):
+            lj.convert(hf_src, tmp_path / "o", flush_bytes=bad, progress=False)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(InvalidInputError, match="overwrite must be True or False"):
+        lj.convert(hf_src, tmp_path / "o", overwrite="yes", progress=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer files are checked before they are copied
+
+
+def test_corrupt_tokenizer_json_is_refused_before_writing(tmp_path, hf_src):
+    (hf_src / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    with pytest.raises(TokenizerError, match=r"src/tokenizer\.json"):
+        lj.convert(hf_src, tmp_path / "out", progress=False)
+    _nothing_left(tmp_path, "out")
+    proc = _cli("--source", str(hf_src), "--output", str(tmp_path / "out"))
+    _refused(proc, "TokenizerError", "tokenizer.json")
+    _nothing_left(tmp_path, "out")
+
+
+def test_bad_tokenizer_config_and_meta_tokenizer_model_are_refused(tmp_path, hf_src):
+    (hf_src / "tokenizer_config.json").write_text("[1, 2]")
+    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json must hold a JSON object"):
+        lj.convert(hf_src, tmp_path / "out", progress=False)
+    from tests.refs import meta_transformer
+
+    meta = tmp_path / "meta"
+
+    ref = meta_transformer(PARAMS, max_seq_len=16, max_batch_size=1, seed=6)
+    _write(meta, {k: v.detach().clone() for k, v in ref.state_dict().items()}, 1)
+    (meta / "tokenizer.model").write_text("this is not base64 rank\n")
+    with pytest.raises(TokenizerError, match=r"meta/tokenizer\.model"):
+        lj.convert(meta, tmp_path / "out", progress=False)
+    _nothing_left(tmp_path, "out")
+
+
+def test_unreadable_tokenizer_is_a_tokenizer_error(tmp_path, monkeypatch, hf_src):
+    import llama32_jax.tokenizer as tok_module
+
+    def unreadable(path):
+        raise PermissionError(errno.EACCES, "Permission denied", str(Path(path) / "tokenizer.json"))
+
+    monkeypatch.setattr(tok_module, "load_tokenizer", unreadable)
+    with pytest.raises(TokenizerError, match=r"cannot load the source's tokenizer '.*tokenizer\.json'.*Permission"):
+        lj.convert(hf_src, tmp_path / "out", progress=False)
+    _nothing_left(tmp_path, "out")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fine-tuning runs: checkpoint directories and exports
+
+
+def test_train_checkpoints_take_relative_and_tilde_paths(tmp_path, monkeypatch):
+    from llama32_jax.checkpoint.train_models import export_model, load_base_model
+    from llama32_jax.checkpoint.train_state import RunSpec, TrainCheckpointer, read_run, read_state
+    from llama32_jax.train import TrainConfig, Trainer
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    model = load_base_model("tiny-text")
+    cfg = TrainConfig(mode="lora", total_steps=2)
+    run = RunSpec("tiny-text", cfg)
+    trainer = Trainer(model.module, cfg)
+    with TrainCheckpointer("runs/ft", run, save_every=1) as ckpt:
+        assert ckpt.directory == tmp_path / "runs" / "ft"
+        assert ckpt.save(trainer, force=True)
+    assert read_run("runs/ft") == run
+    shutil.move(tmp_path / "runs", home / "runs")
+    assert read_run("~/runs/ft") == run and read_state("~/runs/ft")[0] == 0
+    with TrainCheckpointer("~/runs/ft") as ckpt:
+        assert ckpt.latest_step() == 0
+    # A file, or a missing directory to resume from: typed errors naming it, and nothing is created.
+    Path("a-file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"a-file' is a file"):
+        TrainCheckpointer("a-file", run)
+    with pytest.raises(CheckpointError, match=r"nope' holds no checkpoint to resume from"):
+        TrainCheckpointer("nope")
+    assert not Path("nope").exists()
+    # A full disk while saving a step.
+    with TrainCheckpointer("runs2", run, save_every=1) as ckpt:
+        import orbax.checkpoint as ocp
+
+        def full(*a, **kw):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+        with pytest.raises(StorageError, match=r"saving step 0 under '.*runs2' failed: \[Errno 28\]"):
+            ckpt.save(trainer, force=True)
+    # The export: relative output, then an existing foreign directory is refused.
+    out = export_model(trainer, model, "ft-hf", dtype="float32")
+    assert out == tmp_path / "ft-hf" and (out / EXPORT_MARKER).is_file() and (out / "finetune.json").is_file()
+    assert lj.load("ft-hf").tokenizer is not None
+    export_model(trainer, model, "ft-hf", overwrite=True)
+    Path("foreign").mkdir()
+    Path("foreign/x").write_text("mine")
+    with pytest.raises(UnsafePathError, match="not an output of llama32_jax"):
+        export_model(trainer, model, "foreign", overwrite=True)
+    assert Path("foreign/x").is_file()
+    assert safety.real_path("~") == home
