@@ -185,7 +185,7 @@ def load_config_json(
         raise NotAModelConfigError(
             f"{where} is a Git LFS pointer, not the file itself"
             + (f" (the real file has {int(size.group(1))} bytes)" if size else "")
-            + "; fetch the content with `git lfs pull` (or download the file) and try again. Expected "
+            + "; fetch the content with `git lfs pull` (or download the file) and try again; expected "
             + expected
         )
     binary = _describe_binary(raw[:16])
