@@ -1,6 +1,6 @@
 """Read a corpus of real configuration files with our readers and check what they read against transformers and Meta.
 
-    .venv/bin/python -m experiments.check_config_corpus --corpus ../shared/realconfigs
+    .venv/bin/python -m experiments.check_config_corpus --corpus DIR     # experiments/results/config_corpus.{md,json}
     .venv/bin/python -m experiments.check_config_corpus --corpus DIR --out /tmp/corpus   # writes /tmp/corpus.{md,json}
 
 The corpus is a directory of subdirectories of config files (``SOURCE.txt``, ``INDEX.md`` and ``README*`` are

@@ -47,6 +47,7 @@ __all__ = [
 ]
 
 _LFS_POINTER = b"version https://git-lfs.github.com/spec/v1"
+_MAX_CONFIG_BYTES = 16 * 2**20  # never read a weights file given by mistake into memory
 
 # Every attribute of transformers' GenerationConfig (4.x and 5.x): sampling defaults and token ids, which a
 # model config.json may also carry (old transformers wrote them there) and a generation_config.json holds alone.
@@ -175,9 +176,16 @@ def load_config_json(
     where = path
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(64)
+            binary = _describe_binary(head[:16])
+            if binary is None and size > _MAX_CONFIG_BYTES:
+                binary = f"{size} bytes long (a config is a few kilobytes; a weights file?)"
+            raw = head if binary is not None else head + f.read()
     except OSError as e:
         raise ConfigError(f"cannot read {path!r}: {e}") from e
+    if binary is not None:
+        raise NotAModelConfigError(f"{where} is {binary}, not a JSON config; expected {expected}")
     if not raw.strip():
         raise NotAModelConfigError(f"{where} is empty; expected {expected}")
     if raw.startswith(_LFS_POINTER):
@@ -188,9 +196,6 @@ def load_config_json(
             + "; fetch the content with `git lfs pull` (or download the file) and try again; expected "
             + expected
         )
-    binary = _describe_binary(raw[:16])
-    if binary is not None:
-        raise NotAModelConfigError(f"{where} is {binary}, not a JSON config; expected {expected}")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:

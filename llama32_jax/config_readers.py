@@ -185,7 +185,9 @@ def from_params_json(
         scaling = dataclasses.replace(scaling_fields, factor=float(factor))
     else:
         if rope_factor is not None:
-            raise ConfigError("rope_factor was given but params.json has use_scaled_rope=false")
+            raise ConfigError(
+                f"rope_factor was given but {where} has use_scaled_rope=false (or absent): no RoPE scaling"
+            )
         scaling = None
     if dim % n_heads:
         raise ConfigError(f"{where}: dim ({dim}) must be a multiple of n_heads ({n_heads})")

@@ -1,9 +1,10 @@
 """Model configurations: frozen dataclasses, one named constant per model, and strict readers.
 
 Every number here is a fact about a published model (SPEC.md §1); the readers turn a checkpoint's own
-configuration (Meta ``params.json`` or HF ``config.json``) into these dataclasses and refuse anything they do not
-understand: an unknown field, or a field whose value this implementation would not honour, is a
-:class:`~llama32_jax.errors.ConfigError` naming the field -- never a silent default.
+configuration (Meta ``params.json`` or HF ``config.json``) into these dataclasses: they read every field that
+describes the model, ignore only fields that cannot change the computation, give an absent field the format's own
+default, and refuse an unknown field, or a field whose value this implementation would not honour, with a
+:class:`~llama32_jax.errors.ConfigError` naming the field (the rules: ``llama32_jax.config_readers``).
 
 The one runtime choice kept in the config is :attr:`ModelConfig.scan_layers` (scan over stacked layer parameters,
 or a Python-unrolled loop over per-layer parameters); see ``llama32_jax.text``.

@@ -146,3 +146,12 @@ def test_missing_file_and_bad_source(tmp_path):
         from_params_json(tmp_path / "absent.json")
     with pytest.raises(ConfigError, match="expected a path to config.json.*got int"):
         from_hf_config(3)
+
+
+def test_a_huge_file_is_not_read_into_memory(tmp_path):
+    path = tmp_path / "config.json"
+    with open(path, "wb") as f:
+        f.write(b'{"model_type": "llama"')
+        f.truncate(32 * 2**20)  # sparse: 32 MiB of NULs after the text
+    with pytest.raises(NotAModelConfigError, match=r"is 33554432 bytes long \(a config is a few kilobytes"):
+        from_hf_config(path)
