@@ -33,8 +33,8 @@ What a reader does with each field of a file -- one rule for all of them:
   ``rope_scaling_factor``, executorch's ``intermediate_dim`` / ``fusion_interval`` / ``n_special_tokens``,
   torchchat's ``hidden_dim`` / ``rope_scaling``) that disagrees with what the standard fields compute.
 * **Any other field is an unknown field and an error** (:class:`~llama32_jax.errors.ConfigError` naming it):
-  it might change the computation (``sliding_window`` values, Llama 4's ``use_qk_norm`` ...), and guessing is
-  never done.
+  it might change the computation (a logit scale or soft-capping, Llama 4's ``use_qk_norm`` ...), and guessing
+  is never done.
 """
 
 from __future__ import annotations

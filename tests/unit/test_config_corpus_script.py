@@ -7,9 +7,18 @@ from __future__ import annotations
 import json
 
 from experiments.check_config_corpus import main
-from tests.unit.test_config_files import GENERATION_CONFIG, GPTQ_QUANTIZE_CONFIG, LFS_POINTER
-from tests.unit.test_config_meta_variants import EXECUTORCH_11B, META_1B, TORCHCHAT_GUARD_INT4
-from tests.unit.test_config_variants import BNB_8BIT, GGUF_RESAVE, HF_1B, MLLAMA_TINY
+from tests.config_dicts import (
+    BNB_8BIT,
+    EXECUTORCH_11B,
+    GENERATION_CONFIG,
+    GGUF_RESAVE,
+    GPTQ_QUANTIZE_CONFIG,
+    HF_1B,
+    LFS_POINTER,
+    META_1B,
+    MLLAMA_TINY,
+    TORCHCHAT_GUARD_INT4,
+)
 
 
 def _corpus(root, files: dict[str, object]):

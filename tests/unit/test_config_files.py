@@ -11,41 +11,7 @@ import llama32_jax as lj
 from llama32_jax.config_readers import config_to_dict
 from llama32_jax.configs import LLAMA_3_2_1B, TINY_TEXT, from_hf_config, from_params_json
 from llama32_jax.errors import ConfigError, NotAModelConfigError, QuantizedCheckpointError
-from tests.unit.test_config_variants import HF_1B, MLLAMA_11B
-
-LFS_POINTER = (
-    "version https://git-lfs.github.com/spec/v1\n"
-    "oid sha256:bfb7b232a0a0f56bdf8599be6b7a54e0df9baa06d8a972170ebd741030e153ce\n"
-    "size 1558\n"
-)
-TOKENIZER_CONFIG = {
-    "added_tokens_decoder": {"128000": {"content": "<|begin_of_text|>", "special": True}},
-    "bos_token": "<|begin_of_text|>",
-    "clean_up_tokenization_spaces": True,
-    "eos_token": "<|eot_id|>",
-    "model_input_names": ["input_ids", "attention_mask"],
-    "model_max_length": 131072,
-    "tokenizer_class": "PreTrainedTokenizerFast",
-}
-GENERATION_CONFIG = {
-    "_from_model_config": True,
-    "bos_token_id": 128000,
-    "do_sample": True,
-    "eos_token_id": [128001, 128008, 128009],
-    "temperature": 0.6,
-    "top_p": 0.9,
-    "transformers_version": "4.45.0.dev0",
-}
-GPTQ_QUANTIZE_CONFIG = {
-    "bits": 4,
-    "group_size": 128,
-    "damp_percent": 0.01,
-    "desc_act": False,
-    "sym": True,
-    "true_sequential": True,
-    "model_name_or_path": None,
-    "model_file_base_name": "model",
-}
+from tests.config_dicts import GENERATION_CONFIG, GPTQ_QUANTIZE_CONFIG, HF_1B, LFS_POINTER, MLLAMA_11B, TOKENIZER_CONFIG
 
 TEXT_FILES = {
     "lfs-pointer": (

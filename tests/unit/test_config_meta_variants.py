@@ -10,46 +10,24 @@ import pytest
 from experiments.check_config_corpus import diff, sizes_meta, sizes_ours, sizes_transformers
 from llama32_jax.configs import LLAMA_3_2_1B, LLAMA_3_2_3B, LLAMA_3_2_11B_VISION, from_hf_config, from_params_json
 from llama32_jax.errors import ConfigError, NotAModelConfigError, QuantizedCheckpointError, UnsupportedConfigError
-from tests.unit.test_config_variants import HF_1B, MLLAMA_11B, MLLAMA_90B
-
-META_1B = {
-    "dim": 2048,
-    "ffn_dim_multiplier": 1.5,
-    "multiple_of": 256,
-    "n_heads": 32,
-    "n_kv_heads": 8,
-    "n_layers": 16,
-    "norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "use_scaled_rope": True,
-    "vocab_size": 128256,
-}
-META_3B = {**META_1B, "dim": 3072, "ffn_dim_multiplier": 1.0, "n_heads": 24, "n_layers": 28}
-META_11B = {
-    **META_1B,
-    "dim": 4096,
-    "ffn_dim_multiplier": 1.3,
-    "multiple_of": 1024,
-    "n_layers": 32,
-    "vision_chunk_size": 560,
-    "vision_max_num_chunks": 4,
-    "vision_num_cross_attention_layers": 8,
-}
-META_90B = {**META_11B, "dim": 8192, "multiple_of": 4096, "n_heads": 64, "n_layers": 80}
-META_90B["vision_num_cross_attention_layers"] = 20
-# Llama 3.1 8B Instruct; Llama 3 8B's file (April 2024) predates use_scaled_rope.
-META_31_8B = {k: v for k, v in META_11B.items() if not k.startswith("vision")}
-META_3_8B = {k: v for k, v in META_31_8B.items() if k != "use_scaled_rope"}
-HF_3B = {**HF_1B, "hidden_size": 3072, "head_dim": 128, "num_attention_heads": 24, "num_hidden_layers": 28}
-HF_31_8B = {
-    **{k: v for k, v in HF_1B.items() if k != "head_dim"},
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "rope_scaling": {**HF_1B["rope_scaling"], "factor": 8.0},
-    "tie_word_embeddings": False,
-}
-HF_3_8B = {**HF_31_8B, "rope_scaling": None, "max_position_embeddings": 8192}
+from tests.config_dicts import (
+    EXECUTORCH_11B,
+    HF_1B,
+    HF_3_8B,
+    HF_3B,
+    HF_31_8B,
+    META_1B,
+    META_3_8B,
+    META_3B,
+    META_11B,
+    META_31_8B,
+    META_90B,
+    MLLAMA_11B,
+    MLLAMA_90B,
+    TORCHCHAT,
+    TORCHCHAT_GUARD_INT4,
+    TT_METAL_31_8B,
+)
 
 OFFICIAL = {
     "1b": (META_1B, HF_1B, LLAMA_3_2_1B),
@@ -71,28 +49,6 @@ def test_official_params_read_as_meta_and_the_official_hf_config(name):
     assert diff(ours, sizes_ours(from_hf_config(dict(hf))), skip=("max_position_embeddings",)) == {}
     if named is not None:
         assert from_params_json(dict(params), name=named.name) == named
-
-
-TT_METAL_31_8B = {**META_31_8B, "rope_scaling_factor": 8}
-EXECUTORCH_11B = {**META_11B, "fusion_interval": 4, "intermediate_dim": 14336, "n_special_tokens": 8}
-TORCHCHAT = {
-    "block_size": 131072,
-    "dim": 2048,
-    "hidden_dim": 8192,
-    "n_layers": 16,
-    "n_heads": 32,
-    "n_kv_heads": 8,
-    "vocab_size": 128256,
-    "ffn_dim_multiplier": 1.5,
-    "multiple_of": 256,
-    "norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "rope_scaling": {**HF_1B["rope_scaling"], "factor": 32.0},
-    "use_tiktoken": True,
-}
-TORCHCHAT["rope_scaling"].pop("rope_type")
-# torchchat's Llama-Guard-3-1B-INT4: pruned to 12 layers and FFN 6400, which Meta's arithmetic does not give.
-TORCHCHAT_GUARD_INT4 = {**TORCHCHAT, "n_layers": 12, "hidden_dim": 6400}
 
 
 @pytest.mark.parametrize(
