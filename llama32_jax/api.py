@@ -144,7 +144,9 @@ class Model:
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise InvalidInputError("prompts must be a non-empty list of strings or of token-id lists")
         if all(isinstance(p, (int, np.integer)) for p in prompts):
-            raise InvalidInputError("prompts is a flat list of ints; wrap one prompt's token ids in a list: [[...]]")
+            raise InvalidInputError(
+                "prompts is a flat list of ints; each prompt is a string or a list of token ids: wrap one as [[...]]"
+            )
         add_bos = check_bool(add_bos, "add_bos", allow_none=True)
         check_image_lists(self.config, images, len(prompts))
         ids = [
@@ -415,7 +417,7 @@ def load(
         from llama32_jax import sharding
 
         placement = sharding.resolve(mesh)
-    path = os.fspath(path)
+    path = os.path.expanduser(os.fspath(path))  # relative paths are made absolute where they are consumed
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path {path!r} does not exist")
     param_dtype = DTYPES[dtype]

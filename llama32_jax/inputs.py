@@ -112,7 +112,9 @@ def token_rows(prompts: Any, vocab: int, *, name: str = "prompts") -> list[list[
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise InvalidInputError(f"{name} must be a non-empty list of token-id lists, got {_describe(prompts)}")
     if all(_is_int(p) for p in prompts):
-        raise InvalidInputError(f"{name} is a flat list of ints; wrap one prompt's ids in a list: [[id, id, ...]]")
+        raise InvalidInputError(
+            f"{name} is a flat list of ints; a batch [batch, length] is a list of rows: wrap one row as [[id, ...]]"
+        )
     return [token_row(p, f"prompt {i}", vocab) for i, p in enumerate(prompts)]
 
 
