@@ -163,7 +163,10 @@ def check_output(
     if not ancestor.is_dir():
         raise UnsafePathError(f"{what} {str(out)!r}: {str(ancestor)!r} is a file, not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        err = StorageError(f"cannot write {what} {str(out)!r}: {str(ancestor)!r} is not writable (permission denied)")
+        err = StorageError(
+            f"cannot write {what} {str(out)!r}: {str(ancestor)!r} is not writable "
+            "(permission denied or a read-only file system)"
+        )
         err.errno = _errno.EACCES  # (filename and strerror stay unset: they would replace the message in str())
         raise err
     return out

@@ -163,6 +163,28 @@ def test_symlinked_source_and_output(tmp_path, hf_src, hf_untied):
     np.testing.assert_allclose(_logits(out2, tokens), expected, atol=TOL, rtol=0)
 
 
+def test_relative_gguf_file(tmp_path, monkeypatch):
+    from tests.checkpoint.test_gguf import _tiny
+
+    (tmp_path / "models").mkdir()
+    _tiny(tmp_path / "models")
+    (tmp_path / "link.gguf").symlink_to(tmp_path / "models" / "tiny.gguf")
+    monkeypatch.chdir(tmp_path / "models")
+    tokens = np.array([[1, 5, 9, 260]])
+    expected = _logits("tiny.gguf", tokens)
+    np.testing.assert_array_equal(_logits("../link.gguf", tokens), expected)
+    with pytest.raises(CheckpointError, match="GGUF files are loaded directly"):
+        lj.convert("tiny.gguf", "out", progress=False)
+    proc = _cli("--source", "tiny.gguf", "--output", "../hf", "--to", "hf", "--dtype", "float32", cwd=Path.cwd())
+    assert proc.returncode == 0, proc.stderr
+    hf = tmp_path / "hf"
+    assert (hf / "tokenizer.json").is_file() and (hf / EXPORT_MARKER).is_file()  # the GGUF's tokenizer, written
+    np.testing.assert_allclose(_logits(hf, tokens), expected, atol=1e-5, rtol=0)
+    proc = _cli("--source", "tiny.gguf", "--output", "tiny.gguf", "--to", "hf", "--overwrite", cwd=Path.cwd())
+    _refused(proc, "UnsafePathError", "is the source")
+    assert (tmp_path / "models" / "tiny.gguf").is_file()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Overlap between source and output, and what overwrite may replace
 
@@ -319,7 +341,7 @@ def test_wrong_kind_missing_and_unreadable_paths(tmp_path, monkeypatch, hf_src, 
         lj.convert(hf_src, tmp_path / "o", progress=False)
     (tmp_path / "locked").mkdir()
     monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path / "locked")
-    with pytest.raises(StorageError, match=r"locked' is not writable \(permission denied\)") as info:
+    with pytest.raises(StorageError, match=r"locked' is not writable \(permission denied") as info:
         lj.convert(converted.parent / "src", tmp_path / "locked" / "o", progress=False)
     assert info.value.errno == errno.EACCES
     assert not (tmp_path / "o").exists() and not (tmp_path / "locked" / "o").exists()
