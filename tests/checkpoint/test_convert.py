@@ -24,7 +24,14 @@ import torch
 import llama32_jax as lj
 from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, read_manifest, restore_params
 from llama32_jax.configs import TINY_TEXT
-from llama32_jax.errors import CheckpointError, ConfigError, InvalidInputError, LlamaJaxError, StorageError, UnsafePathError
+from llama32_jax.errors import (
+    CheckpointError,
+    ConfigError,
+    InvalidInputError,
+    LlamaJaxError,
+    StorageError,
+    UnsafePathError,
+)
 from tests.checkpoint.test_meta_dir import PARAMS, _Payload, _write
 from tests.refs import hf_llama, meta_transformer, torch_logits
 
