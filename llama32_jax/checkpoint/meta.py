@@ -8,7 +8,6 @@ refused, never executed, and tensors are paged in from disk one at a time as the
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -18,8 +17,9 @@ from typing import Any
 import numpy as np
 
 from llama32_jax.checkpoint.convert import params_from_state_dict, to_numpy
+from llama32_jax.config_files import load_config_json
 from llama32_jax.configs import ModelConfig, from_params_json
-from llama32_jax.errors import CheckpointError, ConfigError
+from llama32_jax.errors import CheckpointError
 
 # Meta's model-parallel layout as data: (key pattern, dim along which shards concatenate). Keys matching none
 # are replicated.
@@ -244,12 +244,8 @@ def read_params_json(root: Path) -> dict:
     path = root / "params.json"
     if not path.is_file():
         raise CheckpointError(f"{root}: params.json is missing (not a Meta checkpoint directory?)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read it as JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    # The shared reader names what the file is when it is not a config (LFS pointer, empty, binary, not UTF-8).
+    data, _, _ = load_config_json(path, "params.json", "Meta's params.json (a JSON object of model sizes)")
     return data
 
 

@@ -134,6 +134,14 @@ def test_errors_name_the_culprit(tmp_path, reference):
     with pytest.raises(lj.errors.ConfigError, match="quantization_args"):
         lj.load(_write(tmp_path / "quant", state, 1, params={**PARAMS, "quantization_args": {"group_size": 32}}))
 
+    lfs = tmp_path / "lfs"
+    shutil.copytree(root, lfs)
+    (lfs / "params.json").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 1558\n"
+    )
+    with pytest.raises(lj.errors.NotAModelConfigError, match=r"params\.json is a Git LFS pointer.*git lfs pull"):
+        lj.load(lfs)
+
 
 class _Payload:
     """An object whose unpickling would run a command (create a marker file)."""
