@@ -128,19 +128,23 @@ class Model:
         """Generate a continuation for each prompt (text, or token ids used as given).
 
         Text prompts are encoded with the tokenizer, BOS first when ``add_bos`` (default: the tokenizer's own
-        convention, e.g. yes for Llama 3, no for SmolLM2).
-        Every sampling argument is one value or one per prompt; ``temperature=0`` is greedy. ``stop_ids``
-        defaults to the tokenizer's stop tokens (Llama 3 instruct: 128001, 128008, 128009).
-        ``stream(i, text_delta)`` receives each prompt's new text as it is generated. Returns the texts, or
-        :class:`Completion` records with ``return_details=True``.
+        convention, e.g. yes for Llama 3, no for SmolLM2). Token-id prompts are ints or integer arrays, of any
+        lengths; floats and bools are refused, never rounded.
+        Every sampling argument is one value or one per prompt; ``temperature=0`` is greedy; ``top_k`` at least the
+        vocabulary size is the same as 0 (off); any int ``seed`` works (``seed mod 2**32`` is used). ``stop_ids``
+        (one id, one list, or one list per prompt) defaults to the tokenizer's stop tokens (Llama 3 instruct:
+        128001, 128008, 128009). ``stream(i, text_delta)`` receives each prompt's new text as it is generated; an
+        exception it raises stops the streaming and is re-raised from here. Returns the texts, or
+        :class:`Completion` records with ``return_details=True``. Bad arguments raise
+        :class:`~llama32_jax.errors.InvalidInputError` naming them (see :mod:`llama32_jax.inputs`).
 
         Vision models: ``images`` holds one list of images per prompt (PIL images, uint8 arrays or file paths; a
         prompt may have none), one for each ``<|image|>`` in the prompt, in order.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
-            prompts = list(prompts)
+        if hasattr(prompts, "__array__") and np.ndim(prompts) == 2:  # a [batch, length] numpy / JAX array
+            prompts = list(np.asarray(prompts))
         if not isinstance(prompts, (list, tuple)) or len(prompts) == 0:
             raise InvalidInputError("prompts must be a non-empty list of strings or of token-id lists")
         if all(isinstance(p, (int, np.integer)) for p in prompts):
@@ -177,7 +181,8 @@ class Model:
         """Reply to one dialog (a list of ``{"role", "content"}`` messages) or a batch of dialogs.
 
         Llama checkpoints use Meta's chat format (roles system/user/assistant/ipython; ``system_date=`` adds the
-        date-stamped system header); other HF tokenizers use their own chat template. Returns one reply each.
+        date-stamped system header); other HF tokenizers use their own chat template, whose variables are the
+        other valid ``format_options``; an unknown option is an error. Returns one reply each.
         """
         if isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict):
             dialogs = [dialogs]

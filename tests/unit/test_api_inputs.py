@@ -131,6 +131,8 @@ def test_ragged_prompts_and_integer_arrays_are_accepted(model, bare):
     assert [c.tokens for c in as_arrays] == [c.tokens for c in ragged]
     two_d = bare.generate(np.array([[5, 6, 7], [8, 9, 10]]), max_new_tokens=NEW, return_details=True)
     assert len(two_d) == 2 and all(len(c.tokens) == NEW for c in two_d)
+    as_jax = bare.generate(jnp.asarray([[5, 6, 7], [8, 9, 10]]), max_new_tokens=NEW, return_details=True)
+    assert [c.tokens for c in as_jax] == [c.tokens for c in two_d]
 
 
 def test_generate_tokens_shares_the_id_checks(model):
