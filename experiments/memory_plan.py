@@ -10,7 +10,7 @@ alias and temporary bytes. Per device we report the weights (the parameter shard
 against XLA's argument bytes), the KV cache shard, XLA's temporaries, and the peak
 ``arguments + outputs - aliased + temporaries`` of the larger of the two steps (the decode step donates the cache,
 so its outputs alias it). "fits" compares that peak with the device's memory less 10% headroom (72 GB on an
-80 GB H100, PERFORMANCE.md). The layout is the scanned one (compile time flat in depth); bf16 weights and cache.
+80 GB H100, docs/performance.md). The layout is the scanned one (compile time flat in depth); bf16 weights and cache.
 
 Caveat: the compile is XLA:CPU's. Buffer assignment differs somewhat between backends (fusion decisions change
 temporaries), while weights, cache and arguments are exact.

@@ -10,7 +10,7 @@ import jax
 
 RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
 
-# Per device: (device kind contains, lower case; dense bf16 TFLOP/s; HBM TB/s), shared/PERFORMANCE.md's limits.
+# Per device: (device kind contains, lower case; dense bf16 TFLOP/s; HBM TB/s), docs/performance.md's limits.
 # The first match wins ("v5 lite" is how JAX names a v5e).
 PEAKS = (
     ("h100", 989.0, 3.35),

@@ -1,5 +1,5 @@
 """A synthetic Meta checkpoint with the Llama 3.2 3B's exact tensor shapes, cut into model-parallel shards by
-SPEC.md §8.4 and written shard by shard with bounded memory (for experiments/bench_convert.py)."""
+docs/model-facts.md §8.4 and written shard by shard with bounded memory (for experiments/bench_convert.py)."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A message is a dict ``{"role": ..., "content": ...}``; content is a string or a 
 ``{"type": "text", "text": ...}`` / ``{"type": "image", ...}`` (the image payload itself travels separately; the
 part only marks where ``<|image|>`` goes).
 
-:class:`Llama3ChatFormat` follows Meta's ``ChatFormat`` (SPEC.md §7.3)::
+:class:`Llama3ChatFormat` follows Meta's ``ChatFormat`` (docs/model-facts.md §7.3)::
 
     <|begin_of_text|> ( <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> )*
     [ <|start_header_id|>assistant<|end_header_id|>\\n\\n ]

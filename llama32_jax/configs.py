@@ -1,6 +1,6 @@
 """Model configurations: frozen dataclasses, one named constant per model, and strict readers.
 
-Every number here is a fact about a published model (SPEC.md §1); the readers turn a checkpoint's own
+Every number here is a fact about a published model (docs/model-facts.md §1); the readers turn a checkpoint's own
 configuration (Meta ``params.json`` or HF ``config.json``) into these dataclasses: they read every field that
 describes the model, ignore only fields that cannot change the computation, give an absent field the format's own
 default, and refuse an unknown field, or a field whose value this implementation would not honour, with a
@@ -57,7 +57,8 @@ def _require(cond: bool, what: str) -> None:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """'llama3' RoPE frequency scaling (SPEC.md §2.2). ``factor`` is 32 for 1B/3B and 8 for the vision models."""
+    """'llama3' RoPE frequency scaling (docs/model-facts.md §2.2). ``factor`` is 32 for 1B/3B and 8 for the vision
+    models."""
 
     factor: float
     low_freq_factor: float = 1.0
@@ -82,7 +83,7 @@ class TextConfig:
     """The language model. ``n_layers`` counts self-attention layers only (Meta's convention).
 
     For the vision models, ``n_cross_attention_layers`` cross-attention blocks are interleaved with the
-    self-attention layers (SPEC.md §1.3) and ``n_image_embeddings`` extra embedding rows hold <|image|>.
+    self-attention layers (docs/model-facts.md §1.3) and ``n_image_embeddings`` extra embedding rows hold <|image|>.
     """
 
     vocab_size: int
@@ -135,7 +136,8 @@ class TextConfig:
 
     @property
     def meta_fusion_schedule(self) -> tuple[int, ...]:
-        """Meta: cross-attention block j runs right before self-attention layer ``schedule[j]`` (SPEC §1.3)."""
+        """Meta: cross-attention block j runs right before self-attention layer ``schedule[j]``
+        (docs/model-facts.md §1.3)."""
         if not self.n_cross_attention_layers:
             return ()
         k = math.ceil(self.n_layers / self.n_cross_attention_layers)
@@ -143,7 +145,7 @@ class TextConfig:
 
     @property
     def hf_cross_attention_layers(self) -> tuple[int, ...]:
-        """HF's indices of the cross-attention layers in its merged layer list (SPEC §1.3)."""
+        """HF's indices of the cross-attention layers in its merged layer list (docs/model-facts.md §1.3)."""
         if not self.n_cross_attention_layers:
             return ()
         f = math.ceil(self.n_layers / self.n_cross_attention_layers)
@@ -153,7 +155,7 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    """The Mllama vision encoder (a ViT-H/14 with tile embeddings) and its projector (SPEC.md §1.3, §5)."""
+    """The Mllama vision encoder (a ViT-H/14 with tile embeddings) and its projector (docs/model-facts.md §1.3, §5)."""
 
     image_size: int = 560
     patch_size: int = 14
@@ -211,7 +213,7 @@ class ModelConfig:
 
     ``scan_layers`` picks the parameter layout of the decoder: ``True`` scans over stacked ``[L, ...]``
     parameters (compile time flat in depth; training), ``False`` unrolls a Python loop over per-layer parameters
-    (fastest decode on XLA:CPU, see PERFORMANCE.md). Checkpoints convert between the two at load time.
+    (fastest decode on XLA:CPU, see docs/performance.md). Checkpoints convert between the two at load time.
     """
 
     text: TextConfig
@@ -252,7 +254,7 @@ def llama3_ffn_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Named constants (SPEC.md §1.1 - §1.5).
+# Named constants (docs/model-facts.md §1.1 - §1.5).
 
 _LLAMA3_BASE = dict(vocab_size=128256, norm_eps=1e-5, rope_theta=500000.0, max_position_embeddings=131072)
 
@@ -304,8 +306,9 @@ _TEXT_90B = TextConfig(
     n_image_embeddings=NUM_IMAGE_EMBEDDINGS,
     **_LLAMA3_BASE,
 )
-# The base 11B-Vision SKU lists vision_chunk_size 448 while every published config uses 560 (SPEC §1.3, §10.2);
-# the constant uses 560 and a checkpoint's own params.json / config.json always wins.
+# The base 11B-Vision SKU lists vision_chunk_size 448 while every published config uses
+# 560 (docs/model-facts.md §1.3, §10.2); the constant uses 560 and a checkpoint's own params.json / config.json always
+# wins.
 _VISION = VisionConfig()
 
 LLAMA_3_2_1B = ModelConfig(name="Llama-3.2-1B", text=_TEXT_1B)
@@ -321,8 +324,8 @@ LLAMA_3_2_90B_VISION = ModelConfig(
 )
 LLAMA_3_2_90B_VISION_INSTRUCT = LLAMA_3_2_90B_VISION.replace(name="Llama-3.2-90B-Vision-Instruct")
 # Llama Guard 3 1B: the 1B architecture with an untied output layer (HF converter, llama_version="Guard-3";
-# SPEC §1.5). Its RoPE factor is not in a primary source available here; 32 follows the 1B base model, and a
-# checkpoint's own config overrides it.
+# docs/model-facts.md §1.5). Its RoPE factor is not in a primary source available here; 32 follows the 1B base model,
+# and a checkpoint's own config overrides it.
 LLAMA_GUARD_3_1B = ModelConfig(name="Llama-Guard-3-1B", text=dataclasses.replace(_TEXT_1B, tie_embeddings=False))
 LLAMA_GUARD_3_11B_VISION = LLAMA_3_2_11B_VISION.replace(name="Llama-Guard-3-11B-Vision")
 

@@ -1,10 +1,11 @@
-"""The Mllama cross-attention block: text queries over projected vision tokens (SPEC.md §4.1, §4.3).
+"""The Mllama cross-attention block: text queries over projected vision tokens (docs/model-facts.md §4.1, §4.3).
 
 ``a = attention_norm(x)``; ``q = q_norm(Wq a)`` per head; ``k = k_norm(Wk V)``, ``v = Wv V`` from the vision tokens
 ``V`` (computed once per image set: :meth:`CrossAttentionBlock.vision_kv`, then reused by every decode step);
 ``o = softmax(q k^T / sqrt(H) + mask) v``; ``h = x + tanh(gate_attn) * row * Wo o``;
 ``out = h + tanh(gate_ffwd) * row * FFN(ffn_norm(h))``. ``row`` is the text-row mask: rows that see no image tile
-take nothing from the block (Meta zeroes both branches; HF only the FFN, SPEC §4.3 — Meta is followed). No RoPE.
+take nothing from the block (Meta zeroes both branches; HF only the FFN, docs/model-facts.md §4.3 — Meta is followed).
+No RoPE.
 
 Parameters (our layout, as the checkpoint converter writes them under ``cross_layers.{j}``): ``attention_norm``,
 ``attention.{wq [N, H, D], wk/wv [K, H, D], wo [D, N, H]}.kernel``, ``attention.{q_norm, k_norm}.weight [H]``,

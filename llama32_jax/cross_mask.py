@@ -1,4 +1,4 @@
-"""Which text tokens may attend to which image tiles in the Mllama cross-attention (SPEC.md §4.3).
+"""Which text tokens may attend to which image tiles in the Mllama cross-attention (docs/model-facts.md §4.3).
 
 Three steps, each a pure numpy function (they run on the host while a batch is assembled):
 
@@ -10,7 +10,7 @@ Three steps, each a pure numpy function (they run on the host while a batch is a
    may attend to the tile (real tiles of a real image, inside that image's range).
 3. :func:`text_row_mask` — ``[B, length]``: True for rows that see at least one tile. Rows that see none (text
    before the first image, prompts without images) must not take anything from the cross-attention block: Meta
-   zeroes both its attention and its FFN output there (followed here; HF zeroes only the FFN, SPEC §4.3).
+   zeroes both its attention and its FFN output there (followed here; HF zeroes only the FFN, docs/model-facts.md §4.3).
 
 Generated tokens: with one image the range is open (``-1``), so every generated token sees it. With several
 images the last range ends at the prompt's length in Meta's ``create_vision_mask``/``_pad_masks``, which leaves

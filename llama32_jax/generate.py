@@ -211,8 +211,8 @@ def generate_tokens(
     ``images`` (vision models): an :class:`llama32_jax.image.ImageBatch` with one row per prompt, holding as many
     images as the prompt has ``<|image|>`` tokens (``config.image_token_id``), in order; a prompt may have none.
     Without ``images``, image tokens are allowed here and see no image (``Model.generate`` refuses them). The
-    images are encoded once; which tokens see which image follows Meta (SPEC §4.3): each image from its token
-    to the next image token, a single image up to the end, generated tokens included.
+    images are encoded once; which tokens see which image follows Meta (docs/model-facts.md §4.3): each image from its
+    token to the next image token, a single image up to the end, generated tokens included.
     """
     config = model.config
     text = config.text

@@ -1,9 +1,9 @@
-"""Mllama image preprocessing (SPEC.md §6): images in, the vision encoder's numpy inputs out.
+"""Mllama image preprocessing (docs/model-facts.md §6): images in, the vision encoder's numpy inputs out.
 
 Pipeline for each image (the numbers are for the published models: 560-pixel tiles, at most 4 tiles):
 
 1. **Load and convert to RGB** (:func:`load_image`, :func:`to_rgb`): transparency is composited over white, as HF's
-   ``convert_to_rgb`` does (SPEC §6.1); 16-bit grayscale is scaled to 8 bits (PIL would clip it).
+   ``convert_to_rgb`` does (docs/model-facts.md §6.1); 16-bit grayscale is scaled to 8 bits (PIL would clip it).
 2. **Best-fit canvas** (:func:`best_fit_canvas`): among the supported ``(tiles_h, tiles_w)`` arrangements pick the
    smallest upscale >= 1 if any canvas allows one, else the largest downscale; ties go to the smaller canvas.
 3. **Resize without distortion** (:func:`fit_size`): upscaling is limited to one tile per side; PIL bilinear.
@@ -89,14 +89,14 @@ class ImageBatch:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Geometry (SPEC §6.2-6.4; identical float arithmetic to HF so ties and floors land the same way)
+# Geometry (docs/model-facts.md §6.2-6.4; identical float arithmetic to HF so ties and floors land the same way)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def best_fit_canvas(
     height: int, width: int, tile_size: int, aspect_ratios: Sequence[tuple[int, int]]
 ) -> tuple[int, int]:
-    """The ``(tiles_h, tiles_w)`` canvas for an image of ``height x width`` pixels (SPEC §6.3).
+    """The ``(tiles_h, tiles_w)`` canvas for an image of ``height x width`` pixels (docs/model-facts.md §6.3).
 
     Each canvas scales the image by ``min(canvas_w / width, canvas_h / height)``. If some canvas needs no
     downscaling (scale >= 1), the smallest such scale wins; otherwise the largest scale (< 1) does. Among canvases
@@ -114,12 +114,13 @@ def best_fit_canvas(
 
 
 def fit_size(height: int, width: int, canvas_height: int, canvas_width: int, tile_size: int) -> tuple[int, int]:
-    """The resized ``(new_h, new_w)`` of an image placed on a canvas, aspect ratio preserved (SPEC §6.4).
+    """The resized ``(new_h, new_w)`` of an image placed on a canvas, aspect ratio preserved (docs/model-facts.md §6.4).
 
     Each side's target is the image's own size clipped to ``[tile_size, canvas side]`` (so a small image is
     upscaled to at most one tile, a large one downscaled to fit); the side with the smaller target/own ratio takes
     its target and the other side follows it, floored and capped at its own target. HF additionally keeps the
-    floored side at >= 1 pixel (SPEC §6.4 omits this; it only matters for images thinner than 1:560), as here.
+    floored side at >= 1 pixel (docs/model-facts.md §6.4 omits this; it only matters for images thinner than 1:560), as
+    here.
     """
     target_w = min(max(width, tile_size), canvas_width)
     target_h = min(max(height, tile_size), canvas_height)
@@ -147,7 +148,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
       ``image.info`` (``P`` with a transparent palette index, ``L``/``RGB`` with a transparent colour): converted to
       ``RGBA`` and alpha-composited over **opaque white**, then alpha dropped -- exactly HF's ``convert_to_rgb``.
       Meta's reference instead calls ``convert("RGB")``, which drops alpha and keeps whatever colour the
-      transparent pixels hold (SPEC §6.1, §10.13); we follow HF.
+      transparent pixels hold (docs/model-facts.md §6.1, §10.13); we follow HF.
     * 16-bit grayscale (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``) and 32-bit integer ``I`` (how older Pillow and
       some TIFFs hold 16-bit data): **our choice, differs from HF** -- values are clipped to [0, 65535] and scaled to
       8 bits by ``round(v / 257)`` (0 -> 0, 65535 -> 255), then replicated to RGB. PIL's (and so HF's)
@@ -299,7 +300,7 @@ def preprocess_image(rgb: Image.Image, config: VisionConfig | None = None) -> tu
     """Tiles of one RGB image: float32 ``[tiles_h * tiles_w, 3, S, S]`` (row-major tiles) and ``(tiles_h, tiles_w)``.
 
     Best-fit canvas, bilinear resize (PIL, as HF), black padding at the bottom/right, rescale and CLIP
-    normalisation, split into ``S x S`` tiles (SPEC §6.2-6.7).
+    normalisation, split into ``S x S`` tiles (docs/model-facts.md §6.2-6.7).
     """
     if not isinstance(rgb, Image.Image) or rgb.mode != "RGB":
         raise InvalidInputError("preprocess_image takes an RGB PIL image; use load_image() to convert other inputs")
@@ -325,7 +326,7 @@ def preprocess(
     max_images: int | None = None,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> ImageBatch:
-    """Preprocess a batch of prompts' images for the Mllama vision encoder (SPEC §6).
+    """Preprocess a batch of prompts' images for the Mllama vision encoder (docs/model-facts.md §6).
 
     Args:
         images: one list per prompt, each holding that prompt's images in ``<|image|>`` order; a prompt may have

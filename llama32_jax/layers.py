@@ -49,7 +49,7 @@ def make_param(
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """Llama RMSNorm: normalise in fp32, cast back to ``x.dtype``, then scale by ``weight`` (SPEC.md §3)."""
+    """Llama RMSNorm: normalise in fp32, cast back to ``x.dtype``, then scale by ``weight`` (docs/model-facts.md §3)."""
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return normed.astype(x.dtype) * weight.astype(x.dtype)

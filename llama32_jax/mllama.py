@@ -1,7 +1,7 @@
 """The Llama 3.2 Vision text decoder (Mllama): self-attention layers with cross-attention blocks interleaved.
 
-Layer order (SPEC.md §4.2, Meta's ``CrossAttentionTransformerText``): for each self-attention layer ``i`` in the
-fusion schedule (``config.text.meta_fusion_schedule``), cross-attention block ``j`` runs first, then layer ``i``.
+Layer order (docs/model-facts.md §4.2, Meta's ``CrossAttentionTransformerText``): for each self-attention layer ``i`` in
+the fusion schedule (``config.text.meta_fusion_schedule``), cross-attention block ``j`` runs first, then layer ``i``.
 A call without images (``cross=None``) skips every cross-attention block, as both references do.
 
 Two parameter layouts, as for the text model (``config.scan_layers``):
@@ -14,7 +14,7 @@ Two parameter layouts, as for the text model (``config.scan_layers``):
   before self layer ``k*j + k-1``; ``TextConfig`` requires ``L`` to be a multiple of ``C``).
 
 Token ids ``>= vocab_size`` (the image token, 128256 in HF checkpoints) embed through the 8-row
-``learnable_embedding`` (SPEC §4.5); the output head stays ``vocab_size`` wide.
+``learnable_embedding`` (docs/model-facts.md §4.5); the output head stays ``vocab_size`` wide.
 
 Images reach the decoder as :class:`CrossInputs`: each cross-attention block's keys and values over the vision
 tokens (computed once, reused by every decode step) and a per-position tile mask for the whole sequence, prompt and

@@ -3,7 +3,7 @@
 One internal convention: within each head, the pair rotated together is ``(i, i + head_dim/2)`` ("half-split",
 HF's ``rotate_half``), and the rotation is computed in fp32 whatever the activation dtype (Meta's numerics).
 Meta's checkpoints rotate adjacent pairs ``(2i, 2i+1)``; :func:`interleaved_to_half_split` permutes the rows of
-their ``wq`` / ``wk`` once at load time so that both give identical attention scores (SPEC.md §2.3).
+their ``wq`` / ``wk`` once at load time so that both give identical attention scores (docs/model-facts.md §2.3).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from llama32_jax.configs import RopeScaling
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
-    """Per-pair inverse frequencies ``[head_dim/2]`` in fp32, with llama3 scaling when given (SPEC.md §2.1-2.2).
+    """Per-pair inverse frequencies ``[head_dim/2]`` in fp32, with llama3 scaling when given
+    (docs/model-facts.md §2.1-2.2).
 
     Computed in float32 like both references. Bands by wavelength: shorter than
     ``L/high_freq_factor`` unchanged; longer than ``L/low_freq_factor`` divided by ``factor``; in between (both ends
@@ -60,8 +61,8 @@ def interleaved_to_half_split(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Permute the output rows of a Meta ``wq``/``wk`` weight ``[n_heads*H, in]`` to the half-split convention.
 
     Within each head, new row ``p*(H/2) + j`` is old row ``2j + p`` (even components first, then odd): the
-    same permutation HF's converters apply (SPEC.md §2.3). Works on numpy or torch-like arrays with ``reshape`` and
-    ``transpose`` semantics of numpy.
+    same permutation HF's converters apply (docs/model-facts.md §2.3). Works on numpy or torch-like arrays with
+    ``reshape`` and ``transpose`` semantics of numpy.
     """
     rows, cols = w.shape
     head_dim = rows // n_heads

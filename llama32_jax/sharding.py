@@ -1,6 +1,6 @@
 """Sharding plans: a device mesh and rules from logical axis names to mesh axes, read from data files.
 
-A plan is one TOML file (``sharding/<name>.toml``, DESIGN §5)::
+A plan is one TOML file (``sharding/<name>.toml``, docs/design.md §5)::
 
     [mesh]
     shape = [2, 4]                 # one entry per mesh axis

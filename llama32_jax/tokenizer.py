@@ -5,8 +5,8 @@ plain ids -- nothing is added unless asked, and special-token strings inside ``t
 ``allow_special=True`` -- and ``decode(ids)`` returns the string. :func:`load_tokenizer` picks the class from what a
 directory holds. Chat formatting lives in ``llama32_jax.chat_format``.
 
-Facts (SPEC.md §7.1-7.2): ``tokenizer.model`` holds one ``<base64 token bytes> <rank>`` pair per line, 128000
-lines, ranks = ids; 256 special tokens follow from id 128000, so the vocabulary has 128256 entries.
+Facts (docs/model-facts.md §7.1-7.2): ``tokenizer.model`` holds one ``<base64 token bytes> <rank>`` pair per line,
+128000 lines, ranks = ids; 256 special tokens follow from id 128000, so the vocabulary has 128256 entries.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = [
     "load_tokenizer",
 ]
 
-# Pre-tokenizer regex of Llama 3 (SPEC.md §7.1); the same pattern is in Meta's code and HF's tokenizer.json.
+# Pre-tokenizer regex of Llama 3 (docs/model-facts.md §7.1); the same pattern is in Meta's code and HF's tokenizer.json.
 LLAMA3_PAT_STR = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
     r"|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -46,7 +46,7 @@ _NAMED_SPECIAL = tuple(
     for name in "begin_of_text end_of_text reserved_special_token_0 reserved_special_token_1 finetune_right_pad_id "
     "step_id start_header_id end_header_id eom_id eot_id python_tag image".split()
 )
-# The 256 special-token names in id order (Meta's names; SPEC.md §7.2, "Meta" column).
+# The 256 special-token names in id order (Meta's names; docs/model-facts.md §7.2, "Meta" column).
 LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = _NAMED_SPECIAL + tuple(
     f"<|reserved_special_token_{i}|>" for i in range(2, 2 + _NUM_SPECIAL - len(_NAMED_SPECIAL))
 )

@@ -1,8 +1,8 @@
 """The Mllama vision encoder (a ViT-H/14 over up to 4 tiles per image, with tile embeddings) and its projector.
 
-The forward pass follows SPEC.md §5 step by step; the semantics are Meta's (``llama_models`` ``VisionEncoder`` and
-``CrossAttentionTransformerVision``), with HF's precomputed per-aspect-ratio tile tables as the parameter layout
-(the layout the checkpoint converter produces, see
+The forward pass follows docs/model-facts.md §5 step by step; the semantics are Meta's (``llama_models``
+``VisionEncoder`` and ``CrossAttentionTransformerVision``), with HF's precomputed per-aspect-ratio tile tables as the
+parameter layout (the layout the checkpoint converter produces, see
 :func:`~llama32_jax.checkpoint.convert_vision.vision_params_from_state_dict`).
 
 Aspect ratios enter as HF ``aspect_ratio_ids``: ``1 + index`` into ``config.vision.supported_aspect_ratios``, and
@@ -75,7 +75,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> j
 
 
 def num_pad_tokens(tokens_per_tile: int) -> int:
-    """Zero tokens appended to each tile after ln_pre (SPEC §5 step 5).
+    """Zero tokens appended to each tile after ln_pre (docs/model-facts.md §5 step 5).
 
     Meta's ``expand_num_tokens_to_mult8`` pads ``8 - n % 8``: 7 for 1601, but a full 8 when ``n`` is already a
     multiple of 8, where HF pads 0. Pad tokens are visible to valid queries (step 6), so the count matters; we
@@ -88,7 +88,7 @@ def unfold_patches(pixels: jax.Array, patch: int) -> jax.Array:
     """``[M, R, C, H, W] -> [M, R, (H/p)*(W/p), C*p*p]``: torch ``Unfold(p, stride=p)`` order.
 
     Patches are row-major over the grid; each patch's values are ordered ``(c, kh, kw)``, so a conv kernel
-    ``(W, C, p, p)`` reshaped to ``(W, C*p*p)`` is the matching linear map (SPEC §5 step 1).
+    ``(W, C, p, p)`` reshaped to ``(W, C*p*p)`` is the matching linear map (docs/model-facts.md §5 step 1).
     """
     m, r, c, h, w = pixels.shape
     gh, gw = h // patch, w // patch
@@ -102,7 +102,7 @@ def encoder_mask(valid_tiles: jax.Array, n_tiles: int, tokens: int, padded: int)
 
     A token is *invalid* if it is one of a tile's pad tokens (index ``>= tokens``) or lies in a tile ``>=
     valid_tiles[m]``. Meta and HF add ``(m m^T) * finfo.min`` to the scores, which masks only invalid->invalid
-    pairs: valid queries see everything, invalid queries see the valid keys (SPEC §5 step 6).
+    pairs: valid queries see everything, invalid queries see the valid keys (docs/model-facts.md §5 step 6).
     """
     tile = jnp.arange(n_tiles)[:, None]  # [R, 1]
     pos = jnp.arange(padded)[None, :]  # [1, Pp]
@@ -240,7 +240,8 @@ class TileEmbedding(nnx.Module):
 
 
 class GatedPositionalEmbedding(nnx.Module):
-    """The gated tile-position part of SPEC §5 step 4: ``tile_embedding [R+1, R, P, W]`` and ``gate [1]``.
+    """The gated tile-position part of docs/model-facts.md §5 step 4: ``tile_embedding [R+1, R, P, W]`` and
+    ``gate [1]``.
 
     (The plain ``positional_embedding [P, W]``, weighted by ``1 - tanh(gate)``, is the encoder's own parameter, as in
     Meta's module tree and our checkpoint layout.)
@@ -257,7 +258,7 @@ class VisionEncoder(nnx.Module):
     """The vision encoder (our tree's ``vision.*``): pixels -> features ``[B, I, R, P, W * (K + 1)]``.
 
     ``K = len(intermediate_layers)``. Features are ``concat([final (W), interleaved intermediates (W*K)])`` with
-    ``intermediates[..., c * K + k]`` = channel ``c`` of the ``k``-th captured layer (SPEC §5 step 11).
+    ``intermediates[..., c * K + k]`` = channel ``c`` of the ``k``-th captured layer (docs/model-facts.md §5 step 11).
     """
 
     def __init__(self, config: ModelConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):
@@ -333,7 +334,8 @@ class VisionTower(nnx.Module):
     """Vision encoder + projector: our tree's ``vision.*`` and ``projector.{kernel [D, O], bias [D]}``.
 
     ``tower(pixel_values [B, I, R, C, H, W], aspect_ratio_ids [B, I])`` returns the vision tokens the text model's
-    cross-attention reads, ``[B, I, R, P, D]`` (Meta ``CrossAttentionTransformerVision.forward``; SPEC §4.4).
+    cross-attention reads, ``[B, I, R, P, D]`` (Meta ``CrossAttentionTransformerVision.forward``;
+    docs/model-facts.md §4.4).
     """
 
     def __init__(self, config: ModelConfig, *, param_dtype=jnp.bfloat16, rngs: nnx.Rngs):

@@ -29,8 +29,8 @@ IMG = CFG.image_token_id
 SEQ = 12
 # Two samples: sample 0 has two images, (2, 1) and (1, 3) tiles; sample 1 one (2, 2) image and a padding slot.
 IMAGES = [[(2, 1), (1, 3)], [(2, 2)]]
-# Each sample starts with <|image|>, so no text row is fully masked from the images (SPEC §4.3: there HF and Meta
-# differ on purpose). 513 and 519 are learnable-embedding rows 1 and 7, so all of them reach the logits.
+# Each sample starts with <|image|>, so no text row is fully masked from the images (docs/model-facts.md §4.3: there HF
+# and Meta differ on purpose). 513 and 519 are learnable-embedding rows 1 and 7, so all of them reach the logits.
 TOKENS = [
     [IMG, 5, 17, 513, IMG, 100, 7, 519, 3, 44, 255, 9],
     [IMG, 511, 2, 13, 99, 513, 7, 8, 519, 1, 0, 300],
@@ -274,7 +274,7 @@ def hf_inputs(config: ModelConfig, pixels) -> dict:
 def align_hf_intermediate_layers(model) -> bool:
     """Make transformers pick Meta's intermediate vision features; True if its installed version needed it.
 
-    Meta stores the *input* of local layers 3, 7, 15, 23, 30 (SPEC §5 step 7), and transformers 4.x read
+    Meta stores the *input* of local layers 3, 7, 15, 23, 30 (docs/model-facts.md §5 step 7), and transformers 4.x read
     ``hidden_states[i]`` with the encoder's input first, the same thing. The installed transformers (5.24)
     ``MllamaVisionEncoder`` returns only the layer *outputs*, so ``hidden_states[i]`` is the input of layer i + 1
     and its intermediate features are one layer late (the regression of transformers PRs #39785 / #40083, again).

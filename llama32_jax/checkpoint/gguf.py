@@ -42,7 +42,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _CONTROL, _USER_DEFINED = 3, 4
 # ``tokenizer.ggml.pre`` -> how llama.cpp splits text before BPE for that vocabulary (its ``llama-vocab.cpp``).
 # "smollm": each digit alone, then the GPT-2 pattern; "gpt2": the GPT-2 pattern; "llama-bpe": the Llama 3 pattern
-# (SPEC.md §7.1, ``tokenizer.LLAMA3_PAT_STR``), and whole words found in the vocabulary skip the merges
+# (docs/model-facts.md §7.1, ``tokenizer.LLAMA3_PAT_STR``), and whole words found in the vocabulary skip the merges
 # (``ignore_merges``), as for Llama 3.
 SUPPORTED_PRE_TOKENIZERS = ("gpt2", "llama-bpe", "smollm")
 
@@ -219,8 +219,8 @@ def _with_rope_freqs(config: ModelConfig, freq_factors: np.ndarray) -> ModelConf
     """Recover 'llama3' RoPE scaling from llama.cpp's ``rope_freqs`` (per-frequency divisors of the angles).
 
     llama.cpp stores ``base_inv_freq / scaled_inv_freq`` rather than the scaling parameters. The factor is the
-    largest divisor; the band edges are Meta's (low 1, high 4, original context 8192, SPEC.md §2.2). The table
-    that these parameters give must reproduce the file's, else the file is refused.
+    largest divisor; the band edges are Meta's (low 1, high 4, original context 8192, docs/model-facts.md §2.2). The
+    table that these parameters give must reproduce the file's, else the file is refused.
     """
     text = config.text
     factor = float(np.max(freq_factors))

@@ -3,7 +3,7 @@
 These are data. A rule's ``source`` may contain ``{i}`` (a layer index); its ``target`` is our path in the
 per-layer layout, with ``"{i}"`` in the same place. ``transform`` names an entry of :data:`TRANSFORMS`, a pure
 function ``(array, TextConfig) -> array`` that turns torch's ``(out, in)`` Linear weights into our einsum kernels
-(and for Meta's ``wq``/``wk`` also permutes RoPE rows from interleaved to half-split, SPEC.md §2.3). Each
+(and for Meta's ``wq``/``wk`` also permutes RoPE rows from interleaved to half-split, docs/model-facts.md §2.3). Each
 transform has an inverse in :data:`INVERSE_TRANSFORMS`, used to export back.
 """
 

@@ -5,14 +5,15 @@ path(s) of ours it fills, the shape the source tensor must have (in the symbols 
 transform. ``"{i}"`` in a source key and in a target path stands for a layer index; ``index`` says which layer list
 it counts. In Meta keys it is our index. In HF keys the text decoder is one merged list in which the
 cross-attention layers sit at ``text.hf_cross_attention_layers`` and the self-attention layers fill the remaining
-positions in order (SPEC.md §1.3), so an HF text-layer key carries the merged position.
+positions in order (docs/model-facts.md §1.3), so an HF text-layer key carries the merged position.
 
 Our layout (nested dicts, int layer indices) is documented on
 :func:`~llama32_jax.checkpoint.convert_vision.vision_params_from_state_dict`. Conventions
 are the text model's: linear kernels keep torch's ``(out, in)`` orientation with the heads split out, and only
 Meta's self-attention ``wq``/``wk`` get the RoPE row permutation: cross-attention and vision attention use no RoPE
-(SPEC.md §8.5). The tile position embeddings are precomputed per aspect-ratio id as HF stores them (row 0 zeros,
-row r the grid cells of ``supported_aspect_ratios[r-1]`` in row-major tile order, zero-padded to max_num_tiles).
+(docs/model-facts.md §8.5). The tile position embeddings are precomputed per aspect-ratio id as HF stores them (row
+0 zeros, row r the grid cells of ``supported_aspect_ratios[r-1]`` in row-major tile order, zero-padded to
+max_num_tiles).
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ def _vision_layer(prefix: str, n: dict[str, str], layer: Path, gated: bool) -> t
     return rules
 
 
-# Meta consolidated checkpoint (LM multimodal/model.py module tree; SPEC.md §8.3).
+# Meta consolidated checkpoint (LM multimodal/model.py module tree; docs/model-facts.md §8.3).
 _META_SELF = {
     "attention_norm": "attention_norm.weight",
     "wq": "attention.wq.weight",
@@ -358,8 +359,8 @@ META_VISION: tuple[VisionRule, ...] = (
     _rule("vision_model.vision_projection.bias", ("projector", "bias"), ("D",)),
 )
 
-# HF safetensors as stored on the hub (HF mllama converter; SPEC.md §8.5). "{i}" of a text layer is its position
-# in HF's merged decoder list.
+# HF safetensors as stored on the hub (HF mllama converter; docs/model-facts.md §8.5). "{i}" of a text layer is its
+# position in HF's merged decoder list.
 _HF_SELF = {
     "attention_norm": "input_layernorm.weight",
     "wq": "self_attn.q_proj.weight",

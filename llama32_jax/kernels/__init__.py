@@ -1,4 +1,4 @@
-"""Our Pallas attention kernels and their dispatch (DESIGN §6).
+"""Our Pallas attention kernels and their dispatch (docs/design.md §6).
 
 Three ops, one folder each, every folder laid out the same way:
 

@@ -1,8 +1,8 @@
 """Converting Llama 3.2 Vision checkpoints (Meta, 1 and 2 model-parallel shards; HF as transformers saves it).
 
 The tiny Mllama of Meta's reference (see test_vision_keymap.py, where the key tables are proved by Meta-vs-HF
-logit parity) is saved as Meta shards, cut by this file's own column/row split of SPEC.md §8.4 — including the two
-tensors Meta's resharder omits, ``learnable_embedding`` and ``vision_projection.bias``, which concatenate — and
+logit parity) is saved as Meta shards, cut by this file's own column/row split of docs/model-facts.md §8.4 — including
+the two tensors Meta's resharder omits, ``learnable_embedding`` and ``vision_projection.bias``, which concatenate — and
 transformers' ``MllamaForConditionalGeneration.save_pretrained`` writes the HF directory. Each converts, streaming,
 to a tree equal to the key tables' conversion of the reference's state dict.
 """

@@ -4,7 +4,7 @@ tensors) and for every error path.
 
 References nobody here wrote: ``transformers.AutoModelForCausalLM`` / ``AutoTokenizer`` with ``gguf_file=``, and
 ``gguf.quants`` for quantizing the small files. The llama.cpp facts the small files encode (RoPE row order,
-``rope_freqs`` table) are written out below from SPEC.md §2.2-2.3, not taken from our code.
+``rope_freqs`` table) are written out below from docs/model-facts.md §2.2-2.3, not taken from our code.
 """
 
 from __future__ import annotations
@@ -170,13 +170,14 @@ def _text(vocab: int) -> TextConfig:
 
 
 def _to_interleaved(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's converter permutation of HF q/k rows (SPEC.md §2.3, HF -> Meta)."""
+    """llama.cpp's converter permutation of HF q/k rows (docs/model-facts.md §2.3, HF -> Meta)."""
     rows, cols = w.shape
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
 def _rope_freqs(t: TextConfig) -> np.ndarray:
-    """The table llama.cpp stores for 'llama3' scaling: per frequency, base / scaled (SPEC.md §2.2), in float64."""
+    """The table llama.cpp stores for 'llama3' scaling: per frequency, base / scaled (docs/model-facts.md §2.2), in
+    float64."""
     s = t.rope_scaling
     out = []
     for i in range(t.head_dim // 2):
@@ -351,7 +352,8 @@ def test_not_a_gguf_file(tmp_path):
 
 
 def test_llama_bpe_pre_tokenizer_splits_like_the_llama3_pattern():
-    """A Llama 3 GGUF ("llama-bpe") splits text with Meta's pattern (SPEC.md §7.1), checked with ``regex``."""
+    """A Llama 3 GGUF ("llama-bpe") splits text with Meta's pattern (docs/model-facts.md §7.1), checked with
+    ``regex``."""
     import regex
 
     pattern = (

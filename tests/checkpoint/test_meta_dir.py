@@ -2,8 +2,8 @@
 ``params.json`` (+ the real ``tokenizer.model``) and re-sharded into 2 and 8 model-parallel shards, load through
 ``llama32_jax.load`` to the reference's logits. Bad directories give typed errors that name the file or key.
 
-The re-sharding below is written here from SPEC §8.4's column/row rules (Meta's ``reshard_mp``), independently of
-the reader's merge table.
+The re-sharding below is written here from docs/model-facts.md §8.4's column/row rules (Meta's ``reshard_mp``),
+independently of the reader's merge table.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ def params():
 @pytest.mark.parametrize("fmt", ["hf", "meta"])
 def test_round_trip_through_source_names(params, fmt):
     sd = state_dict_from_params(CFG, params, fmt)
-    if fmt == "meta":  # Meta checkpoints of tied models still carry output.weight (SPEC §8.2)
+    if fmt == "meta":  # Meta checkpoints of tied models still carry output.weight (docs/model-facts.md §8.2)
         sd["output.weight"] = sd["tok_embeddings.weight"].copy()
         sd["rope.freqs"] = np.zeros(8)  # a derivable buffer some checkpoints carry; dropped
     back = params_from_state_dict(CFG, sd, fmt)

@@ -116,7 +116,8 @@ def test_learnable_embedding_rows_join_hf_embed_tokens(meta_sd, params, hf_sd):
 
 
 def test_full_size_embedding_and_vision_shapes():
-    """At full size: 128256 + 8 = 128264 HF embedding rows, and the SPEC §8.3 / §8.5 shapes of the 11B / 90B."""
+    """At full size: 128256 + 8 = 128264 HF embedding rows, and the docs/model-facts.md §8.3 / §8.5 shapes of the 11B /
+    90B."""
     hf = kv.expected_source_keys(LLAMA_3_2_11B_VISION, "hf")
     meta = kv.expected_source_keys(LLAMA_3_2_11B_VISION, "meta")
 

@@ -2,8 +2,8 @@
 
 The reference is Meta's ``llama-models`` model (tests/refs_vision.py) loaded with the same weights: in both
 prompts below the image follows the header tokens, and on those first rows, which see no image, HF's masking
-differs from Meta's by design (SPEC §4.3; a logit difference of ~6e-3 here, enough to flip near-ties of a random
-model), so HF is not the reference for them.
+differs from Meta's by design (docs/model-facts.md §4.3; a logit difference of ~6e-3 here, enough to flip near-ties of a
+random model), so HF is not the reference for them.
 
 - ``test_chat_with_an_image_equals_meta``: a tiny random Mllama with the published vocabulary layout (<|image|> =
   128256); ``Model.chat`` (our chat format, preprocessing, model) generates greedily what Meta's model does from

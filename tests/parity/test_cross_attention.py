@@ -1,9 +1,9 @@
 """The cross-attention block against Meta's ``CrossAttentionTransformerBlock`` (a tiny random Mllama's first one).
 
 Both take the same text hidden states, projected vision tokens and mask, including rows that see no image (text
-before the first ``<|image|>``, a prompt without images): there Meta's block is the identity (SPEC §4.3), and ours
-must be too. Weights go through the converter's Meta key table (``VisionTensorMapper``), so this also checks the
-table's cross-attention entries against the module.
+before the first ``<|image|>``, a prompt without images): there Meta's block is the identity (docs/model-facts.md §4.3),
+and ours must be too. Weights go through the converter's Meta key table (``VisionTensorMapper``), so this also checks
+the table's cross-attention entries against the module.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 
 The tiny random Mllama of tests/refs_vision.py: two samples, images of (2, 1), (1, 3) and (2, 2) tiles and a padding
 image slot, a run of two images. Every sample starts with ``<|image|>``, so no text row is fully masked and HF's
-masking agrees with Meta's (SPEC §4.3): all rows are compared with both. transformers 5.24's one-layer-late
-intermediate vision features are realigned in memory (``align_hf_intermediate_layers``; its weights untouched).
-Our model loads the converter's tree of Meta's weights; the HF model loads the same tree exported to HF names.
+masking agrees with Meta's (docs/model-facts.md §4.3): all rows are compared with both. transformers 5.24's
+one-layer-late intermediate vision features are realigned in memory (``align_hf_intermediate_layers``; its weights
+untouched). Our model loads the converter's tree of Meta's weights; the HF model loads the same tree exported to HF
+names.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def test_equals_hf_end_to_end(ours, hf_model, pixels):
 )
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_full_size_parameter_counts(name, spec_billions, scan_layers):
-    """SPEC §1.4 counts Meta's 4x4 tile grids; our (and HF's) tables hold one row per aspect-ratio id instead
-    (9 x 4 tiles): the difference is exactly those extra entries. Both decoder layouts hold the same parameters."""
+    """docs/model-facts.md §1.4 counts Meta's 4x4 tile grids; our (and HF's) tables hold one row per aspect-ratio id
+    instead (9 x 4 tiles): the difference is exactly those extra entries. Both decoder layouts hold the same
+    parameters."""
     cfg = configs.get_config(name).replace(scan_layers=scan_layers)
     before = {id(a) for a in jax.live_arrays()}
     count = param_count(abstract_model(cfg))

@@ -6,8 +6,8 @@ learnable image-token embedding, the fusion schedule, cross-attention K/V, the t
 positions (a run of two images), and the head, in both parameter layouts (unrolled, and scanned groups
 ``[self, cross, self]`` here). Every row is compared: all follow Meta's masking, including, in
 ``TOKENS_TEXT_FIRST``, the text rows before the first image, which see no image (Meta zeroes the cross-attention
-blocks there; HF does not zero their attention branch, SPEC §4.3, so HF is not the reference for those rows).
-The vision tower is tested in its own file.
+blocks there; HF does not zero their attention branch, docs/model-facts.md §4.3, so HF is not the reference for those
+rows). The vision tower is tested in its own file.
 """
 
 from __future__ import annotations

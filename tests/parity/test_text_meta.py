@@ -1,8 +1,8 @@
 """Logit parity with Meta's reference ``Transformer`` (llama-models), tiny random weights in both.
 
 Meta's reference rotates interleaved pairs; we rotate half-split pairs and permute its wq/wk rows at load time,
-so equal logits prove that permutation. Its ``apply_scaling`` hard-codes the RoPE factor 8 (SPEC §1.2), so our
-config reads the same ``params.json`` (which carries no factor) and gets 8 for these non-1B/3B shapes -- both
+so equal logits prove that permutation. Its ``apply_scaling`` hard-codes the RoPE factor 8 (docs/model-facts.md §1.2),
+so our config reads the same ``params.json`` (which carries no factor) and gets 8 for these non-1B/3B shapes -- both
 sides use factor 8. (Factor 32 is covered against HF in test_text_hf.py.)
 """
 

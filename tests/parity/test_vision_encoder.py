@@ -127,7 +127,8 @@ def test_hf_parity(hf_model, pixels, ours):
 
 def test_encoder_features_match_meta_before_the_projector(meta_model, tower, pixels):
     """The encoder's own output, ``[B, I, R, P, W * (K + 1)]``: final features first, then the intermediates
-    interleaved per channel (SPEC §5 step 11), compared channel by channel with Meta's ``VisionEncoder``."""
+    interleaved per channel (docs/model-facts.md §5 step 11), compared channel by channel with Meta's
+    ``VisionEncoder``."""
     import torch
 
     ar = torch.tensor([[r or (1, 1) for r in row] for row in RATIOS])
@@ -195,7 +196,7 @@ def test_strict_loading_names_the_path(params):
 
 def test_full_size_param_count_and_shapes():
     """11B: our count equals HF's module (precomputed tile tables); minus the extra table cells it is Meta's,
-    which is SPEC §1.4's vision 0.823 B + projector 0.031 B."""
+    which is docs/model-facts.md §1.4's vision 0.823 B + projector 0.031 B."""
     v = LLAMA_3_2_11B_VISION.vision
     before = len(jax.live_arrays())
     tower = abstract_vision_tower(LLAMA_3_2_11B_VISION)

@@ -1,4 +1,5 @@
-"""``eval_shape`` of every full-size config: nothing allocated, parameter counts as SPEC §1.4 derives them."""
+"""``eval_shape`` of every full-size config: nothing allocated, parameter counts as docs/model-facts.md §1.4 derives
+them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from llama32_jax import configs
 from llama32_jax.model import abstract_model, param_count
 
-# SPEC §1.4 (rounded to the digits given there), in billions.
+# docs/model-facts.md §1.4 (rounded to the digits given there), in billions.
 EXPECTED = {
     "Llama-3.2-1B": 1.236,
     "Llama-3.2-1B-Instruct": 1.236,
@@ -19,7 +20,8 @@ EXPECTED = {
     "Llama-3.2-3B-Instruct": 3.213,
     "Llama-Guard-3-1B": 1.498,
 }
-# The text backbones of the vision models, without cross-attention (SPEC §1.4: text 8.030 B and 70.554 B).
+# The text backbones of the vision models, without cross-attention (docs/model-facts.md §1.4: text 8.030 B and
+# 70.554 B).
 BACKBONES = {"Llama-3.2-11B-Vision": 8.030, "Llama-3.2-90B-Vision": 70.554}
 
 

@@ -1,4 +1,5 @@
-"""Chat formats against references: SPEC §7.2 dialog vector, Meta's llama_models ChatFormat, transformers templates."""
+"""Chat formats against references: docs/model-facts.md §7.2 dialog vector, Meta's llama_models ChatFormat, transformers
+templates."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Configs: named constants hold SPEC §1 facts; the readers are strict and never default silently."""
+"""Configs: named constants hold docs/model-facts.md §1 facts; the readers are strict and never default silently."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from llama32_jax.configs import (
 )
 from llama32_jax.errors import ConfigError, UnsupportedConfigError
 
-# Meta params.json of the published models (SPEC §1.1, SKU arch_args).
+# Meta params.json of the published models (docs/model-facts.md §1.1, SKU arch_args).
 META_1B = {
     "dim": 2048,
     "ffn_dim_multiplier": 1.5,
@@ -137,7 +137,7 @@ def test_params_json_missing_field_and_file(tmp_path):
 
 
 # The HF hub config.json of Llama-3.2-1B-Instruct (legacy spelling: rope_theta + rope_scaling), as a fixture of
-# the format; its values are SPEC §1.1-1.2 facts.
+# the format; its values are docs/model-facts.md §1.1-1.2 facts.
 HF_1B = {
     "architectures": ["LlamaForCausalLM"],
     "attention_bias": False,

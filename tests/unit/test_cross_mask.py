@@ -1,4 +1,4 @@
-"""Cross-attention masks (SPEC.md §4.3) against both references: HF's ``get_cross_attention_token_mask`` +
+"""Cross-attention masks (docs/model-facts.md §4.3) against both references: HF's ``get_cross_attention_token_mask`` +
 ``convert_sparse_cross_attention_mask_to_dense`` and Meta's ``create_vision_mask`` + ``_pad_masks``, on random
 prompts with 0-4 image tokens, runs of consecutive images, and images at the start, middle and end."""
 

@@ -1,14 +1,16 @@
-"""Image preprocessing (SPEC §6) against transformers' ``MllamaImageProcessorPil``: pixels must be bit-identical.
+"""Image preprocessing (docs/model-facts.md §6) against transformers' ``MllamaImageProcessorPil``: pixels must be
+bit-identical.
 
 The reference is the PIL backend of HF's Mllama image processor (the default processor needs torchvision), built
 with the published models' settings: 560x560 tiles, CLIP mean/std, at most 4 tiles. Every comparison below is
 exact (``np.array_equal`` on float32, so the max abs diff is 0), not a tolerance.
 
-SPEC §6 and HF agree on every step (canvas choice, resize sizes, bilinear PIL resample, black bottom/right padding,
-rescale, CLIP normalisation, row-major tiles, zero packing, aspect-ratio ids and mask). Two details SPEC §6 leaves
-out and we follow HF on: the floored resize side is kept >= 1 pixel (``test_geometry_matches_hf`` covers 1-pixel
-thin images), and the aspect-ratio mask has tile 0 set for padding image slots too (``test_batch_with_padding``).
-SPEC §6.1 notes that Meta drops alpha where HF composites over white and does not pick one; we follow HF.
+docs/model-facts.md §6 and HF agree on every step (canvas choice, resize sizes, bilinear PIL resample, black
+bottom/right padding, rescale, CLIP normalisation, row-major tiles, zero packing, aspect-ratio ids and mask). Two
+details docs/model-facts.md §6 leaves out and we follow HF on: the floored resize side is kept >= 1 pixel
+(``test_geometry_matches_hf`` covers 1-pixel thin images), and the aspect-ratio mask has tile 0 set for padding image
+slots too (``test_batch_with_padding``). docs/model-facts.md §6.1 notes that Meta drops alpha where HF composites over
+white and does not pick one; we follow HF.
 
 Our deliberate departures from HF (documented in ``llama32_jax.image``), each tested below:
 * 16-bit grayscale (``I;16``, ``I``) is scaled to 8 bits; HF/PIL clip every value above 255 to white.
@@ -88,7 +90,7 @@ def _photo(name: str) -> np.ndarray:
 
 @pytest.mark.parametrize(
     ("width", "height", "canvas", "new_wh"),
-    [  # SPEC §6.4 examples (w x h)
+    [  # docs/model-facts.md §6.4 examples (w x h)
         (640, 480, (1, 2), (640, 480)),
         (1280, 853, (2, 2), (1120, 746)),
         (224, 224, (1, 1), (560, 560)),
@@ -172,7 +174,8 @@ def test_batch_with_padding(hf):
 
 
 def test_canvas_padding_value():
-    """A 640x480 image keeps its size on a 1x2 canvas; the right padding normalises to -mean/std (SPEC §6.6)."""
+    """A 640x480 image keeps its size on a 1x2 canvas; the right padding normalises to -mean/std
+    (docs/model-facts.md §6.6)."""
     out = preprocess([[_random_rgb(480, 640)]]).pixel_values[0, 0]
     pad = -np.asarray(CLIP_MEAN, np.float32) / np.asarray(CLIP_STD, np.float32)
     assert np.all(out[:2, :, 480:, :] == pad[None, :, None, None])  # rows below the image, both tiles

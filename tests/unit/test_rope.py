@@ -1,4 +1,5 @@
-"""RoPE: frequencies against SPEC §2.2's anchors and HF's llama3 init function; rotation and permutation."""
+"""RoPE: frequencies against docs/model-facts.md §2.2's anchors and HF's llama3 init function; rotation and
+permutation."""
 
 from __future__ import annotations
 

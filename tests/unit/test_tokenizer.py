@@ -1,4 +1,5 @@
-"""Tokenizers against references nobody here wrote: SPEC §7.2 vectors, Meta's llama_models tokenizer, HF tokenizers."""
+"""Tokenizers against references nobody here wrote: docs/model-facts.md §7.2 vectors, Meta's llama_models tokenizer, HF
+tokenizers."""
 
 from __future__ import annotations
 
@@ -151,7 +152,7 @@ def test_special_tokens_match_spec_table(ours, meta):
     assert isinstance(ours, Tokenizer)
 
 
-# ----------------------------------------------------------------------------------------------- SPEC vectors
+# ------------------------------------------------------------------------------------- docs/model-facts.md §7.2 vectors
 
 
 def test_spec_vectors(ours, ours_hf):
