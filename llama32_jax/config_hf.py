@@ -148,26 +148,10 @@ def _hf_text(f: FieldReader, *, mllama: bool) -> TextConfig:
         xattn = f.take("cross_attention_layers", list, default=None) or _MLLAMA_CROSS_ATTENTION_LAYERS
         n_xattn = len(xattn)
         n_self = n_total - n_xattn
-        probe = (
-            TextConfig(
-                vocab_size=vocab,
-                dim=dim,
-                n_layers=max(n_self, 1),
-                n_heads=n_heads,
-                n_kv_heads=n_kv,
-                head_dim=head_dim,
-                ffn_dim=ffn,
-                norm_eps=eps,
-                rope_theta=theta,
-                rope_scaling=scaling,
-                tie_embeddings=tie,
-                n_cross_attention_layers=n_xattn,
-                n_image_embeddings=NUM_IMAGE_EMBEDDINGS,
-            )
-            if n_xattn and n_self > 0 and n_self % n_xattn == 0
-            else None
-        )
-        if probe is None or tuple(xattn) != probe.hf_cross_attention_layers:
+        # The uniform schedule of n_self self-attention layers and n_xattn cross blocks, as HF numbers it.
+        uniform = n_xattn > 0 and n_self > 0 and n_self % n_xattn == 0
+        every = n_self // n_xattn if uniform else 0
+        if not uniform or tuple(xattn) != tuple(range(every - 1, n_total, every + 1)):
             raise UnsupportedConfigError(
                 f"{where}: cross_attention_layers={xattn} with num_hidden_layers={n_total} is not the uniform "
                 "Llama 3.2 Vision fusion schedule [self x (k-1), cross, self] (e.g. 11B: [3, 8, ..., 38])"
