@@ -20,6 +20,7 @@ import argparse
 import logging
 import math
 import sys
+import threading
 import time
 import types
 
@@ -82,39 +83,67 @@ def _export_hf(args) -> str:
 
 
 class _QuietOrbaxNoise(logging.Filter):
-    """Drops Orbax's own error logs (tracebacks of its worker threads): the failure they describe reaches us as
-    an exception and is reported once, typed (``error: StorageError: ...``)."""
+    """Drops Orbax's own error logs (tracebacks of its worker threads) and asyncio's "exception was never
+    retrieved" reports of the writes a failed Orbax save abandoned: the failure they describe reaches us as an
+    exception and is reported once, typed (``error: StorageError: ...``)."""
+
+    LOGGERS = ("absl", "asyncio")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno >= logging.ERROR and "orbax" in record.pathname)
+        if record.levelno < logging.ERROR:
+            return True
+        if record.name == "asyncio":
+            return "exception was never retrieved" not in record.getMessage()
+        return "orbax" not in record.pathname
+
+    def install(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def remove(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
 
 
 class _QuietStderr:
     """``sys.stderr`` minus the "RuntimeError: Event loop is closed" tracebacks that TensorStore's callbacks print
-    after an Orbax write has failed (e.g. on a full disk); everything else (progress bar, warnings) passes."""
+    after an Orbax write has failed (e.g. on a full disk); everything else (progress bar, warnings) passes.
+
+    Several TensorStore threads print such a traceback at once, line by line, so their lines interleave: each
+    thread's traceback is collected apart (by thread id) up to its exception line, then dropped or written whole.
+    """
 
     _NOISE = ("RuntimeError: Event loop is closed",)
 
     def __init__(self, stream):
-        self._stream, self._block = stream, None
+        self._stream = stream
+        self._blocks: dict[int, str] = {}  # thread id -> the traceback it is printing, so far
+        self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
-        if self._block is None and text.startswith("Traceback (most recent call last):"):
-            self._block = ""
-        if self._block is None:
-            return self._stream.write(text)
-        self._block += text
-        lines = self._block.split("\n")
+        with self._lock:
+            self._write(threading.get_ident(), text)
+        return len(text)
+
+    def _write(self, thread: int, text: str) -> None:
+        block = self._blocks.get(thread)
+        if block is None:
+            if not text.startswith("Traceback (most recent call last):"):
+                self._stream.write(text)
+                return
+            block = ""
+        block += text
+        lines = block.split("\n")
         for i, line in enumerate(lines[1:-1], start=1):  # the exception line: the first unindented after the header
             if line and not line.startswith(" "):
-                block, rest = "\n".join(lines[: i + 1]) + "\n", "\n".join(lines[i + 1 :])
-                self._block = None
+                self._blocks.pop(thread, None)
                 if line.strip() not in self._NOISE:
-                    self._stream.write(block)
+                    self._stream.write("\n".join(lines[: i + 1]) + "\n")
+                rest = "\n".join(lines[i + 1 :])
                 if rest:
-                    self.write(rest)
-                break
-        return len(text)
+                    self._write(thread, rest)
+                return
+        self._blocks[thread] = block
 
     def flush(self) -> None:
         self._stream.flush()
@@ -127,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
     noise, stderr = _QuietOrbaxNoise(), sys.stderr
-    logging.getLogger("absl").addFilter(noise)
+    noise.install()
     if not isinstance(sys.stderr, _QuietStderr):
         sys.stderr = _QuietStderr(sys.stderr)
     try:
         return _run(args, t0)
     finally:
-        logging.getLogger("absl").removeFilter(noise)
+        noise.remove()
         sys.stderr = stderr
 
 
@@ -175,8 +204,9 @@ class _CallableModule(types.ModuleType):
 
 
 if __name__ == "__main__":
-    sys.stderr = _QuietStderr(sys.stderr)  # kept to the end: late TensorStore callbacks print after main returns
-    logging.getLogger("absl").addFilter(_QuietOrbaxNoise())
+    # Kept to the end: late TensorStore callbacks print after main returns.
+    sys.stderr = _QuietStderr(sys.stderr)
+    _QuietOrbaxNoise().install()
     sys.exit(main())
 else:
     sys.modules[__name__].__class__ = _CallableModule
