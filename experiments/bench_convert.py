@@ -36,8 +36,9 @@ import sys
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from experiments.results_io import machine, write_result
 from experiments.synthetic_meta import ensure_synthetic, meta_layout, synthetic_config
 
@@ -403,4 +404,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

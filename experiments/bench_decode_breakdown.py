@@ -16,10 +16,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 import llama32_jax as lj
+from experiments import cli
 from experiments.results_io import machine, write_result
 
 _MODEL = flags.DEFINE_string("model", "Llama-3.2-1B", "named config (random weights)")
@@ -108,4 +109,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -20,9 +20,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import llama32_jax as lj
+from experiments import cli
 from experiments.results_io import machine, write_result
 from llama32_jax.checkpoint import params_from_state_dict
 from llama32_jax.generate import _prefill, bucket, generate_tokens
@@ -221,4 +222,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

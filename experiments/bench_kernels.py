@@ -75,6 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from experiments import cli
 from experiments.results_io import machine, table_peaks, write_result
 from llama32_jax import attention as reference
 
@@ -799,4 +800,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -16,10 +16,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
 import llama32_jax as lj
+from experiments import cli
 from experiments.results_io import machine, write_result
 from llama32_jax.text import stack_layers
 
@@ -121,4 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -44,6 +44,7 @@ from absl import app, flags
 from flax import nnx
 
 import llama32_jax as lj
+from experiments import cli
 from experiments.results_io import machine, write_result
 from llama32_jax.cache import KVCache
 from llama32_jax.mllama import CrossInputs, MllamaText
@@ -376,4 +377,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 import llama32_jax as lj
+from experiments import cli
 from llama32_jax.checkpoint.gguf import smollm2_gguf_path
 
 _CKPT = flags.DEFINE_string("checkpoint", None, "HF directory or .gguf file (default: the built-in SmolLM2 GGUF)")
@@ -68,4 +69,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -55,7 +55,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from experiments import cli
 
 _MODEL = flags.DEFINE_string(
     "model", None, "checkpoint dir / .gguf, or 'tiny-text' (default: the built-in SmolLM2-135M-Instruct GGUF)"
@@ -340,4 +342,4 @@ def _train(run, ckpt_dir: Path, workdir: Path, stop: _Stop) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

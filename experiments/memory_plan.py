@@ -30,10 +30,11 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from experiments import cli
 from experiments.results_io import RESULTS_DIR, machine, write_result
 from llama32_jax import configs, dims, sharding
 from llama32_jax.cache import KVCache
@@ -220,4 +221,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

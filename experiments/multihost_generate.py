@@ -16,6 +16,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
+
 _COORD = flags.DEFINE_string("coordinator", None, "host:port of process 0's coordinator", required=True)
 _N = flags.DEFINE_integer("num_processes", 2, "processes in the job")
 _ID = flags.DEFINE_integer("process_id", None, "this process's index", required=True)
@@ -57,4 +59,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

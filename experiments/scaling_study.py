@@ -117,7 +117,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from experiments import memory_plan  # noqa: E402
+from experiments import cli, memory_plan  # noqa: E402
 from experiments.results_io import PEAKS, RESULTS_DIR, machine, table_peaks  # noqa: E402
 from experiments.scaling_plots import PHASES, number, plot, read_rows  # noqa: E402
 from llama32_jax import configs, dims, sharding  # noqa: E402
@@ -699,4 +699,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
