@@ -49,7 +49,16 @@ try:  # Python 3.11+
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-PLAN_DIR = Path(__file__).resolve().parent.parent / "sharding"
+
+def _plan_dir() -> Path:
+    """Where the named plans are: the wheel ships the repository's ``sharding/*.toml`` as the package data
+    ``llama32_jax/plans/`` (see ``setup.py``); a source checkout (or an editable install) reads ``sharding/``."""
+    package = Path(__file__).resolve().parent
+    installed = package / "plans"
+    return installed if installed.is_dir() else package.parent / "sharding"
+
+
+PLAN_DIR = _plan_dir()
 
 
 class PlanError(ConfigError):
