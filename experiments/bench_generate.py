@@ -26,7 +26,7 @@ import llama32_jax as lj
 from experiments import cli
 from experiments.results_io import machine, write_result
 from llama32_jax.checkpoint import params_from_state_dict
-from llama32_jax.generate import _prefill, bucket, generate_tokens
+from llama32_jax.inference.generate import bucket, generate_tokens
 
 _MODEL = flags.DEFINE_string("model", "Llama-3.2-1B", "named config (random weights)")
 _BATCH = flags.DEFINE_list("batch", ["1", "16"], "batch sizes")
@@ -70,7 +70,7 @@ def _ours(model, prompts: np.ndarray) -> dict:
     dtype = jnp.dtype(_DTYPE.value)
 
     def prefill():
-        jax.block_until_ready(_prefill(graphdef, state, padded, start, cache_len=width + 8, cache_dtype=dtype))
+        jax.block_until_ready(prefill(graphdef, state, padded, start, cache_len=width + 8, cache_dtype=dtype))
 
     prefill()
     return {"t_n1_s": t1, "t_n2_s": t2, "prefill_s": _best(prefill, _REPEATS.value)}

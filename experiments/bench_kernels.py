@@ -26,7 +26,7 @@ Implementations (``--impls``):
   outside the timed function; GQA native; decode uses ``key_value_seq_lengths``; cross gets the dense token mask
   as ``mask=``);
 - ``jax_xla``: the same call with ``implementation="xla"`` (not in ``cross``);
-- ``xla_ref``: our XLA reference, :mod:`llama32_jax.attention` (the ops' ``impl="xla"``); cross builds the dense
+- ``xla_ref``: our XLA reference, :mod:`llama32_jax.nn.attention` (the ops' ``impl="xla"``); cross builds the dense
   token mask from the tile mask inside the timed function, as the model does;
 - ``tokamax``: ``tokamax.dot_product_attention`` (``flash`` only) where ``import tokamax`` works.
 
@@ -77,7 +77,7 @@ from absl import app, flags
 
 from experiments import cli
 from experiments.results_io import machine, table_peaks, write_result
-from llama32_jax import attention as reference
+from llama32_jax.nn import attention as reference
 
 SECTIONS = ("flash", "flash_bwd", "decode", "cross")
 IMPLS = ("ours", "cudnn", "jax_xla", "xla_ref", "tokamax")
@@ -516,7 +516,7 @@ def flash_impls(cfg: Config, *, backward: bool) -> list[Impl]:
         "ours": Impl("ours", ours if op else None, detail=ours_detail(), error=why),
         "cudnn": Impl("cudnn", _jax_nn("cudnn", is_causal=causal), layout="bsnh"),
         "jax_xla": Impl("jax_xla", _jax_nn("xla", is_causal=causal), layout="bsnh"),
-        "xla_ref": Impl("xla_ref", ref, detail="llama32_jax.attention.self_attention"),
+        "xla_ref": Impl("xla_ref", ref, detail="llama32_jax.nn.attention.self_attention"),
     }
     if not backward:
         fn, detail = _tokamax()
@@ -606,7 +606,7 @@ def bench_decode(bench: Bench) -> None:
         "ours": Impl("ours", ours if op else None, detail=ours_detail(), error=why),
         "cudnn": Impl("cudnn", jax_nn("cudnn"), layout="bsnh", detail="key_value_seq_lengths = q_offset + 1"),
         "jax_xla": Impl("jax_xla", jax_nn("xla"), layout="bsnh", detail="key_value_seq_lengths = q_offset + 1"),
-        "xla_ref": Impl("xla_ref", ref, detail="llama32_jax.attention.self_attention"),
+        "xla_ref": Impl("xla_ref", ref, detail="llama32_jax.nn.attention.self_attention"),
     }
     impls = [cands[n] for n in cfg.impls if n in cands]
     for impl in impls:
@@ -669,7 +669,7 @@ def bench_cross(bench: Bench) -> None:
     cands = {
         "ours": Impl("ours", ours if op else None, detail=ours_detail(), error=why),
         "cudnn": Impl("cudnn", cudnn, layout="bsnh", detail="dense token mask [B, 1, T, N_v] as mask="),
-        "xla_ref": Impl("xla_ref", ref, detail="llama32_jax.attention.cross_attention (builds the token mask)"),
+        "xla_ref": Impl("xla_ref", ref, detail="llama32_jax.nn.attention.cross_attention (builds the token mask)"),
     }
     impls = [cands[name] for name in cfg.impls if name in cands]
     for impl in impls:

@@ -22,7 +22,7 @@ from flax import nnx
 import llama32_jax as lj
 from experiments import cli
 from experiments.results_io import machine, write_result
-from llama32_jax.text import stack_layers
+from llama32_jax.models.text import stack_layers
 
 _MODEL = flags.DEFINE_string("model", "Llama-3.2-1B", "named config")
 _BATCH = flags.DEFINE_list("batch", ["1", "16"], "batch sizes")

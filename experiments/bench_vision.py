@@ -6,9 +6,10 @@
 
 Sections (``--sections``):
 
-- ``preprocess``: ms per image, ours (``llama32_jax.image.preprocess``) vs transformers' ``MllamaImageProcessorPil``
-  (560 tiles, CLIP mean/std, 4 tiles, bilinear) on scikit-image photos, best of ``--preprocess_repeats``. The pixel
-  arrays, aspect-ratio ids and masks are asserted equal first, so both time the same work.
+- ``preprocess``: ms per image, ours (``llama32_jax.inputs.image.preprocess``) vs transformers'
+  ``MllamaImageProcessorPil`` (560 tiles, CLIP mean/std, 4 tiles, bilinear) on scikit-image photos, best of
+  ``--preprocess_repeats``. The pixel arrays, aspect-ratio ids and masks are asserted equal first, so both time the
+  same work.
 - ``compile``: one decode step ``model(tokens [1, 1], cache, cross=CrossInputs, last_only=True)`` of the full-size
   11B / 90B Vision models, scanned vs unrolled decoder, lowered and compiled from abstract shapes only (parameters,
   a ``--context``-slot KV cache, one 4-tile image's cross K/V; nothing allocated), cache donated as in generation.
@@ -46,8 +47,8 @@ from flax import nnx
 import llama32_jax as lj
 from experiments import cli
 from experiments.results_io import machine, write_result
-from llama32_jax.cache import KVCache
-from llama32_jax.mllama import CrossInputs, MllamaText
+from llama32_jax.models.mllama import CrossInputs, MllamaText
+from llama32_jax.nn.cache import KVCache
 
 _SECTIONS = flags.DEFINE_list("sections", ["preprocess", "compile", "cross"], "which measurements to run")
 _PHOTOS = flags.DEFINE_list(
@@ -102,7 +103,7 @@ def bench_preprocess() -> dict:
     from PIL import Image
     from transformers import MllamaImageProcessorPil
 
-    from llama32_jax.image import CLIP_MEAN, CLIP_STD, preprocess
+    from llama32_jax.inputs.image import CLIP_MEAN, CLIP_STD, preprocess
 
     size, mean, std = {"height": 560, "width": 560}, list(CLIP_MEAN), list(CLIP_STD)
     bilinear = Image.Resampling.BILINEAR
@@ -196,7 +197,7 @@ def _hf_vision(cfg):
     from transformers import MllamaVisionModel
 
     from llama32_jax.checkpoint.convert_vision import VisionTensorMapper
-    from llama32_jax.vision import load_vision_params
+    from llama32_jax.models.vision import load_vision_params
     from tests.refs_vision import align_hf_intermediate_layers, hf_mllama_config
 
     torch.manual_seed(0)
@@ -246,8 +247,8 @@ def _encoder(cfg, dtype) -> tuple[dict, jax.Array]:
     """Time the vision tower on one 4-tile photo, ours vs HF; returns the numbers and our vision tokens."""
     import torch
 
-    from llama32_jax.image import preprocess
-    from llama32_jax.vision import vision_tokens
+    from llama32_jax.inputs.image import preprocess
+    from llama32_jax.models.vision import vision_tokens
 
     batch = preprocess([[_photo(_IMAGE.value)]], cfg.vision)
     assert batch.num_tiles == [[cfg.vision.max_num_tiles]], f"{_IMAGE.value}: {batch.num_tiles} tiles, want 4"

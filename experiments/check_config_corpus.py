@@ -281,7 +281,7 @@ def official_hf_config(corpus: Path, directory: str) -> Path | None:
 
 
 def check_file(corpus: Path, path: Path) -> dict[str, Any]:
-    from llama32_jax.config_readers import from_hf_config, from_params_json
+    from llama32_jax.configs.readers import from_hf_config, from_params_json
     from llama32_jax.errors import LlamaJaxError
 
     rel = path.relative_to(corpus).as_posix()

@@ -13,11 +13,11 @@ Inputs:
   script runs without any user weights. ``--model=tiny-text`` is a tiny random-weight model with a byte-level
   tokenizer in Meta's chat format (for tests, and trying the mechanics in seconds).
 - ``--data``: a JSONL file, one example per line: ``{"messages": [{"role": ..., "content": ...}, ...]}`` (only the
-  assistant turns are trained) or ``{"text": "..."}`` (all trained); see ``llama32_jax/data.py``. Default: a
+  assistant turns are trained) or ``{"text": "..."}`` (all trained); see ``llama32_jax/training/data.py``. Default: a
   built-in set of 16 short chat examples (``BUILTIN_EXAMPLES`` below: short factual answers in one fixed style),
   written to a temporary file. Sequences are packed into ``--seq_len`` rows, reshuffled every epoch, forever.
 
-Checkpoints (``llama32_jax/checkpoint/train_state.py``): every ``--save_every`` steps, at the end, and when the run is
+Checkpoints (``llama32_jax/training/state.py``): every ``--save_every`` steps, at the end, and when the run is
 stopped by SIGTERM or Ctrl-C (SIGINT; the step in flight finishes, a checkpoint is written, the exit status is
 128 + the signal number; a second Ctrl-C aborts at once). A checkpoint holds the trainable parameters, the optimizer
 state, the step, the data iterator's position, the training config and the base model's path, so with
@@ -113,7 +113,7 @@ BUILTIN_EXAMPLES = [
     ]
 ]
 
-# Which flag sets each field of a run record (train_state.RunSpec.mismatches names fields so).
+# Which flag sets each field of a run record (training.state.RunSpec.mismatches names fields so).
 _FIELD_FLAGS = {
     "base_model": "model",
     "dtype": "dtype",
@@ -139,8 +139,8 @@ _FIELD_FLAGS = {
 
 def _run_from_flags():
     from llama32_jax.checkpoint.gguf import smollm2_gguf_path
-    from llama32_jax.checkpoint.train_state import RunSpec
-    from llama32_jax.train import TrainConfig
+    from llama32_jax.training.state import RunSpec
+    from llama32_jax.training.train import TrainConfig
 
     cfg = TrainConfig(
         mode=_MODE.value,
@@ -228,8 +228,8 @@ def main(argv):
     stop = _Stop()
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    from llama32_jax.checkpoint.train_state import read_run
     from llama32_jax.errors import LlamaJaxError
+    from llama32_jax.training.state import read_run
 
     ckpt_dir = Path(_CKPT_DIR.value).absolute()
     try:
@@ -265,10 +265,10 @@ def _train(run, ckpt_dir: Path, workdir: Path, stop: _Stop) -> int:
     import numpy as np
     from tqdm.auto import tqdm
 
-    from llama32_jax.checkpoint.train_models import export_model, load_base_model
-    from llama32_jax.checkpoint.train_state import TrainCheckpointer, config_to_json
-    from llama32_jax.data import make_dataset
-    from llama32_jax.train import Trainer
+    from llama32_jax.training.base_models import export_model, load_base_model
+    from llama32_jax.training.data import make_dataset
+    from llama32_jax.training.state import TrainCheckpointer, config_to_json
+    from llama32_jax.training.train import Trainer
 
     t0 = time.perf_counter()
     model = load_base_model(run.base_model, dtype=run.dtype, mesh=_PLAN.value, scan_layers=run.scan_layers)

@@ -37,8 +37,8 @@ from jax.sharding import NamedSharding
 from experiments import cli
 from experiments.results_io import RESULTS_DIR, machine, write_result
 from llama32_jax import configs, dims, sharding
-from llama32_jax.cache import KVCache
-from llama32_jax.model import abstract_model
+from llama32_jax.models.build import abstract_model
+from llama32_jax.nn.cache import KVCache
 
 _MODEL = flags.DEFINE_string("model", "Llama-3.2-90B-Vision", "named config")
 _PLAN = flags.DEFINE_string("plan", "h100x8", "plan name in sharding/ or a .toml path")
@@ -117,7 +117,7 @@ def plan_memory(model_name: str, plan_name: str, batch: int, cache_len: int, pro
     )
     cross = None
     if config.is_vision and images:
-        from llama32_jax.mllama import CrossInputs
+        from llama32_jax.models.mllama import CrossInputs
 
         t, v = config.text, config.vision
         n_v = images * v.max_num_tiles * v.tokens_per_tile

@@ -32,7 +32,7 @@ _OUT = flags.DEFINE_string("out", None, "write the result here as JSON (process 
 
 def main(argv):
     del argv
-    from llama32_jax import distributed
+    from llama32_jax.sharding import distributed
 
     distributed.initialize(_COORD.value, _N.value, _ID.value)
     import jax

@@ -18,8 +18,8 @@ largest plan asked for), with the parameters, caches and batch placed by the pla
   4-tile images' cross-attention K/V (computed once per image, outside the step) and the tile mask;
 - ``decode``: one step ``model(tokens [B, 1], cache, last_only=True)`` with a cache of ``T`` = seq_len slots, the
   new token in the last one (so it attends to all ``T``); the cache is donated, as in generation;
-- ``train``: one optimiser step of ``llama32_jax.train`` (``make_train_step``; ``--train_mode``, ``--remat``) on
-  ``{"inputs", "targets", "loss_mask"} [B, T]`` (vision models: text only, images 0); trainable parameters and
+- ``train``: one optimiser step of ``llama32_jax.training.train`` (``make_train_step``; ``--train_mode``, ``--remat``)
+  on ``{"inputs", "targets", "loss_mask"} [B, T]`` (vision models: text only, images 0); trainable parameters and
   optimiser state donated; the optimiser state sharded like the parameters it belongs to.
 
 Per row and per device: XLA's ``memory_analysis()`` (arguments, outputs, aliased, temporaries; ``total`` =
@@ -121,8 +121,8 @@ from experiments import cli, memory_plan  # noqa: E402
 from experiments.results_io import PEAKS, RESULTS_DIR, machine, table_peaks  # noqa: E402
 from experiments.scaling_plots import PHASES, number, plot, read_rows  # noqa: E402
 from llama32_jax import configs, dims, sharding  # noqa: E402
-from llama32_jax.cache import KVCache  # noqa: E402
-from llama32_jax.model import abstract_model  # noqa: E402
+from llama32_jax.models.build import abstract_model  # noqa: E402
+from llama32_jax.nn.cache import KVCache  # noqa: E402
 
 GB = memory_plan.GB
 _MODELS = flags.DEFINE_list(
@@ -136,7 +136,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "parame
 _LAYOUTS = flags.DEFINE_list("layouts", ["scanned"], "scanned (compile time flat in depth) and/or unrolled")
 _IMAGES = flags.DEFINE_integer("vision_images", 1, "vision models, prefill/decode: 4-tile images per sequence")
 _DECODE_SLOTS = flags.DEFINE_integer("decode_slots", 128, "prefill: KV-cache slots beyond the prompt")
-_TRAIN_MODE = flags.DEFINE_enum("train_mode", "full", ["full", "lora"], "train: llama32_jax.train TrainConfig.mode")
+_TRAIN_MODE = flags.DEFINE_enum(
+    "train_mode", "full", ["full", "lora"], "train: llama32_jax.training.train TrainConfig.mode"
+)
 _REMAT = flags.DEFINE_enum("remat", "full", ["none", "full", "dots"], "train: TrainConfig.remat")
 _MEASURE = flags.DEFINE_enum("measure", "auto", ["auto", "true", "false"], "time steps (auto: on GPU/TPU only)")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed steps per row (median), after one warm-up")
@@ -286,7 +288,7 @@ def _cache(config, batch: int, slots: int, dtype, placement) -> KVCache:
 
 def _cross(config, batch: int, slots: int, images: int, dtype, placement):
     """Abstract :class:`CrossInputs`: every cross block's K/V over ``images`` 4-tile images, and the tile mask."""
-    from llama32_jax.mllama import CrossInputs
+    from llama32_jax.models.mllama import CrossInputs
 
     t, v = config.text, config.vision
     one = (batch, t.n_kv_heads, images * v.max_num_tiles * v.tokens_per_tile, t.head_dim)
@@ -370,13 +372,14 @@ def _shard_like_params(tree, specs: dict, mesh):
 
 
 def build_train(config, case: Case, placement, dtype) -> Step:
-    """One ``llama32_jax.train`` step on ``[B, T]`` inputs/targets/loss_mask (trainable + optimiser state donated)."""
-    from llama32_jax.train import TrainConfig, make_optimizer, make_train_step, split_for_training
+    """One ``llama32_jax.training.train`` step on ``[B, T]`` inputs/targets/loss_mask (trainable + optimiser state
+    donated)."""
+    from llama32_jax.training.train import TrainConfig, make_optimizer, make_train_step, split_for_training
 
     cfg = TrainConfig(mode=case.train_mode, remat=case.remat)
     if cfg.mode == "lora":  # adapters added to the abstract model here (split_for_training would place real ones)
-        from llama32_jax.lora import add_lora
-        from llama32_jax.model import init_model
+        from llama32_jax.models.build import init_model
+        from llama32_jax.training.lora import add_lora
 
         def with_lora():
             model = init_model(config, param_dtype=dtype)

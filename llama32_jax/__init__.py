@@ -15,12 +15,14 @@ Importing this package has no side effects beyond importing JAX.
 
 from llama32_jax import configs, errors, sharding
 from llama32_jax.api import Completion, Model, load
-from llama32_jax.cache import KVCache
 from llama32_jax.checkpoint.hf_export import export_hf
 from llama32_jax.checkpoint.pipeline import convert
-from llama32_jax.configs import ModelConfig, RopeScaling, TextConfig, VisionConfig, from_hf_config, from_params_json
-from llama32_jax.model import abstract_model, forward, init_model, load_params, param_count
-from llama32_jax.text import Transformer
+from llama32_jax.configs.base import ModelConfig, RopeScaling, TextConfig, VisionConfig
+from llama32_jax.configs.hf import from_hf_config
+from llama32_jax.configs.readers import from_params_json
+from llama32_jax.models.build import abstract_model, forward, init_model, load_params, param_count
+from llama32_jax.models.text import Transformer
+from llama32_jax.nn.cache import KVCache
 
 __version__ = "0.1.0"
 

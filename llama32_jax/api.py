@@ -11,12 +11,25 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama32_jax.checkpoint.orbax_ckpt import is_converted_checkpoint
-from llama32_jax.configs import ModelConfig
-from llama32_jax.distributed import to_host
+from llama32_jax import sharding
+from llama32_jax.checkpoint.gguf import read_gguf
+from llama32_jax.checkpoint.hf import read_hf_params
+from llama32_jax.checkpoint.meta import read_meta_params
+from llama32_jax.checkpoint.orbax_ckpt import is_converted_checkpoint, read_manifest, restore_params
+from llama32_jax.configs.base import ModelConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError
-from llama32_jax.generate import GenerationOutput, generate_tokens, stops_per_sequence
-from llama32_jax.inputs import (
+from llama32_jax.inference import guard
+from llama32_jax.inference.generate import (
+    GenerationOutput,
+    encode_images,
+    generate_tokens,
+    image_tile_mask,
+    stops_per_sequence,
+)
+from llama32_jax.inference.guard import ModerationError, parse_verdict
+from llama32_jax.inference.text_stream import TextStreamer
+from llama32_jax.inputs.chat_format import chat_format_for, dialog_images
+from llama32_jax.inputs.checks import (
     check_bool,
     check_image_lists,
     check_stream,
@@ -25,8 +38,12 @@ from llama32_jax.inputs import (
     token_array,
     token_row,
 )
-from llama32_jax.model import forward, load_params
-from llama32_jax.text_stream import TextStreamer
+from llama32_jax.inputs.image import ImageBatch, preprocess
+from llama32_jax.inputs.tokenizer import HFTokenizer, load_tokenizer
+from llama32_jax.models.build import forward, load_params
+from llama32_jax.nn.attend import set_attention_impl
+from llama32_jax.sharding.apply import restore_shardings, shard_model, validate
+from llama32_jax.sharding.distributed import to_host
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
 ATTENTION_IMPLS = ("auto", "xla", "pallas")
@@ -66,8 +83,6 @@ class Model:
     def set_attention_impl(self, impl: str) -> Model:
         """Use ``impl`` for every attention call: ``"auto"`` (Pallas kernels on GPU/TPU, XLA on CPU), ``"xla"`` or
         ``"pallas"`` (our kernels; interpreted on CPU, which is slow but exact). Returns the model."""
-        from llama32_jax.kernels.attend import set_attention_impl
-
         if impl not in ATTENTION_IMPLS:
             raise InvalidInputError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
         set_attention_impl(self.module, impl)
@@ -79,7 +94,7 @@ class Model:
 
         ``images`` (vision models): one list of images per row (paths, PIL images or arrays; as many as the row
         has ``config.image_token_id`` tokens, which mark where they are), or an
-        :class:`~llama32_jax.image.ImageBatch` from :func:`~llama32_jax.image.preprocess`.
+        :class:`~llama32_jax.inputs.image.ImageBatch` from :func:`~llama32_jax.inputs.image.preprocess`.
         """
         ids = token_array(token_ids, input_vocab(self.config))
         if images is None:
@@ -94,19 +109,16 @@ class Model:
 
     def _cross_inputs(self, ids: np.ndarray, images: Any):
         """Encode ``images`` for the rows of ``ids`` (vision tower + cross-attention K/V), as generation does."""
-        from llama32_jax.generate import _encode_images, _tile_mask
-        from llama32_jax.image import ImageBatch
-
         if not self.config.is_vision:
             raise InvalidInputError(f"{self.config.name} is a text model; images are not accepted")
         if not isinstance(images, ImageBatch):
             check_image_lists(self.config, images, ids.shape[0], ids.tolist())
         batch = images if isinstance(images, ImageBatch) else self._preprocess_images(images, ids.shape[0])
-        tile_mask = _tile_mask(self.config, ids.tolist(), batch, ids.shape[1])
+        tile_mask = image_tile_mask(self.config, ids.tolist(), batch, ids.shape[1])
         graphdef, state = nnx.split(self.module)
         dtype = self.module.embed.embedding.dtype
         pixels = jnp.asarray(batch.pixel_values, dtype)
-        return _encode_images(graphdef, state, pixels, jnp.asarray(batch.aspect_ratio_ids), jnp.asarray(tile_mask))
+        return encode_images(graphdef, state, pixels, jnp.asarray(batch.aspect_ratio_ids), jnp.asarray(tile_mask))
 
     # ----------------------------------------------------------------------------------------------------------
     def generate(
@@ -136,7 +148,7 @@ class Model:
         128001, 128008, 128009). ``stream(i, text_delta)`` receives each prompt's new text as it is generated; an
         exception it raises stops the streaming and is re-raised from here. Returns the texts, or
         :class:`Completion` records with ``return_details=True``. Bad arguments raise
-        :class:`~llama32_jax.errors.InvalidInputError` naming them (see :mod:`llama32_jax.inputs`).
+        :class:`~llama32_jax.errors.InvalidInputError` naming them (see :mod:`llama32_jax.inputs.checks`).
 
         Vision models: ``images`` holds one list of images per prompt (PIL images, uint8 arrays or file paths; a
         prompt may have none), one for each ``<|image|>`` in the prompt, in order.
@@ -188,7 +200,6 @@ class Model:
             dialogs = [dialogs]
         if not isinstance(dialogs, (list, tuple)) or len(dialogs) == 0:
             raise InvalidInputError("dialogs must be a non-empty list of messages, or a list of such lists")
-        from llama32_jax.chat_format import dialog_images
 
         fmt = self._get_chat_format()
         fmt.check_options(format_options)
@@ -215,20 +226,17 @@ class Model:
         max_new_tokens: int | None = None,
     ):
         """Llama Guard 3: is the last message of ``conversation`` safe? Returns a
-        :class:`~llama32_jax.guard.ModerationResult` (``.safe``, ``.categories`` such as ``("S1",)``), or a list
-        of them for a list of conversations (one batch).
+        :class:`~llama32_jax.inference.guard.ModerationResult` (``.safe``, ``.categories`` such as ``("S1",)``), or a
+        list of them for a list of conversations (one batch).
 
         ``conversation``: alternating ``{"role": "user"|"assistant", "content"}`` messages starting with the user;
         the last is judged (``role`` ``"User"`` or ``"Agent"``). Content is a string or a list of
         ``{"type": "text", "text"}`` / ``{"type": "image", "image"}`` parts; Llama Guard 3 11B-Vision judges at
         most one image per conversation. ``categories`` replaces the 13 default hazard categories;
         ``excluded_categories`` (e.g. ``["S6"]``) leaves codes out. Decoding is greedy. Raises
-        :class:`~llama32_jax.guard.ModerationError` if the model's answer is not a verdict (e.g. the checkpoint
-        is not a guard model). See :mod:`llama32_jax.guard` for the exact prompt.
+        :class:`~llama32_jax.inference.guard.ModerationError` if the model's answer is not a verdict (e.g. the
+        checkpoint is not a guard model). See :mod:`llama32_jax.inference.guard` for the exact prompt.
         """
-        from llama32_jax import guard
-        from llama32_jax.guard import ModerationError, parse_verdict
-
         single = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], dict)
         conversations = [conversation] if single else conversation
         if not isinstance(conversations, (list, tuple)) or not conversations:
@@ -275,8 +283,6 @@ class Model:
 
     def _get_chat_format(self):
         if self._chat_format is None:
-            from llama32_jax.chat_format import chat_format_for
-
             self._chat_format = chat_format_for(self._require_tokenizer())
         return self._chat_format
 
@@ -308,7 +314,6 @@ class Model:
             return None
         if not self.config.is_vision:
             raise InvalidInputError(f"{self.config.name} is a text model; images are not accepted")
-        from llama32_jax.image import preprocess
 
         if not isinstance(images, (list, tuple)) or len(images) != n:
             raise InvalidInputError(f"images must hold one list of images per prompt ({n} prompts)")
@@ -378,8 +383,6 @@ def _placed(model: Model, placement, attention_impl: str) -> Model:
     its attention implementation."""
     model.set_attention_impl(attention_impl)
     if placement is not None:
-        from llama32_jax.sharding import shard_model
-
         shard_model(model.module, *placement)
     return model
 
@@ -419,17 +422,12 @@ def load(
     )
     placement = None
     if mesh is not None:
-        from llama32_jax import sharding
-
         placement = sharding.resolve(mesh)
     path = os.path.expanduser(os.fspath(path))  # relative paths are made absolute where they are consumed
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint path {path!r} does not exist")
     param_dtype = DTYPES[dtype]
     if os.path.isfile(path) and path.endswith(".gguf"):
-        from llama32_jax.checkpoint.gguf import read_gguf
-        from llama32_jax.tokenizer import HFTokenizer
-
         ckpt = read_gguf(path)
         config = ckpt.config.replace(scan_layers=scan_layers)
         tokenizer = HFTokenizer(
@@ -446,13 +444,8 @@ def load(
             attention_impl,
         )
     if os.path.isdir(path) and is_converted_checkpoint(path):
-        from llama32_jax.checkpoint.orbax_ckpt import read_manifest, restore_params
-        from llama32_jax.tokenizer import load_tokenizer
-
         target = None
         if placement is not None:  # each array is read straight into its shards (each host reads only its own)
-            from llama32_jax.sharding import restore_shardings, validate
-
             _, stored = read_manifest(path)
             validate(stored, placement[0])
             target = restore_shardings(stored, *placement)
@@ -466,9 +459,6 @@ def load(
             attention_impl,
         )
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
-        from llama32_jax.checkpoint.hf import read_hf_params
-        from llama32_jax.tokenizer import load_tokenizer
-
         config, params = read_hf_params(path)
         config = config.replace(scan_layers=scan_layers)
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
@@ -479,9 +469,6 @@ def load(
             attention_impl,
         )
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "params.json")):
-        from llama32_jax.checkpoint.meta import read_meta_params
-        from llama32_jax.tokenizer import load_tokenizer
-
         config, params = read_meta_params(path, scan_layers=scan_layers)
         tok_file = os.path.join(path, "tokenizer.model")
         tokenizer = load_tokenizer(tok_file) if os.path.isfile(tok_file) else None

@@ -24,8 +24,11 @@ import threading
 import time
 import types
 
-from llama32_jax.checkpoint.pipeline import DTYPES
+from llama32_jax.api import load
+from llama32_jax.checkpoint.hf_export import export_hf
+from llama32_jax.checkpoint.pipeline import DTYPES, check_output
 from llama32_jax.checkpoint.pipeline import convert as convert
+from llama32_jax.checkpoint.safety import check_source_dir
 from llama32_jax.errors import LlamaJaxError
 
 DEFAULT_FLUSH_MB = 256.0
@@ -67,11 +70,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _export_hf(args) -> str:
-    from llama32_jax.api import load
-    from llama32_jax.checkpoint.hf_export import export_hf
-    from llama32_jax.checkpoint.pipeline import check_output
-    from llama32_jax.checkpoint.safety import check_source_dir
-
     if args.rope_factor is not None or args.tie is not None:
         raise LlamaJaxError("--rope-factor/--tied/--untied apply to conversion to orbax, not to --to hf")
     if args.flush_mb is not None or args.compress:

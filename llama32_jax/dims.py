@@ -36,7 +36,7 @@ KV_HEADS = "kv_heads"
 HEAD_DIM = "head_dim"
 MLP = "mlp"
 GATE = "gate"  # the one-element tanh gates of the vision models (never sharded)
-LORA_RANK = "lora_rank"  # the rank axis of LoRA adapters (llama32_jax.lora; small, never sharded)
+LORA_RANK = "lora_rank"  # the rank axis of LoRA adapters (llama32_jax.training.lora; small, never sharded)
 
 # Activation / cache axes.
 BATCH = "batch"
@@ -44,3 +44,29 @@ SEQ = "seq"
 CACHE_SEQ = "cache_seq"
 
 PARAM_AXES = (LAYERS, VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP, GATE, LORA_RANK)
+
+# Logical axis names of the vision parameters (llama32_jax.models.vision). The projector's output axis is the text
+# width, EMBED.
+VISION_EMBED = "vision_embed"  # W
+VISION_HEADS = "vision_heads"  # attention heads
+VISION_HEAD_DIM = "vision_head_dim"  # W / heads
+VISION_MLP = "vision_mlp"  # MLP width
+PATCH = "vision_patch"  # C * p * p, one unfolded patch
+TILE_TOKENS = "vision_tokens"  # P, tokens per tile
+TILES = "vision_tiles"  # R, tile slots per image
+ASPECT_RATIOS = "vision_aspect_ratios"  # R+1 rows of the per-aspect-ratio tables (row 0: padding image)
+VISION_FEATURES = "vision_features"  # W * (len(intermediate_layers) + 1), the projector's input
+VISION_GATE = "vision_gate"  # the single element of a tanh gate
+
+VISION_PARAM_AXES = (
+    VISION_EMBED,
+    VISION_HEADS,
+    VISION_HEAD_DIM,
+    VISION_MLP,
+    PATCH,
+    TILE_TOKENS,
+    TILES,
+    ASPECT_RATIOS,
+    VISION_FEATURES,
+    VISION_GATE,
+)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from llama32_jax.checkpoint import keymap
-from llama32_jax.configs import ModelConfig
+from llama32_jax.configs.base import ModelConfig
 from llama32_jax.errors import CheckpointError
 
 
@@ -119,15 +119,6 @@ def map_state_dict(mapper, state_dict: Mapping[str, Any]) -> dict:
             _set(tree, path, array)
     mapper.finish()
     return tree
-
-
-def tensor_mapper(config: ModelConfig, fmt: str):
-    """The streaming key mapper for ``config``: text tables, or the vision tables for a vision model."""
-    if config.is_vision:
-        from llama32_jax.checkpoint.convert_vision import VisionTensorMapper
-
-        return VisionTensorMapper(config, fmt)
-    return TensorMapper(config, fmt)
 
 
 def state_dict_from_params(config: ModelConfig, params: Mapping, fmt: str) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from llama32_jax.checkpoint.convert import map_state_dict, to_numpy
+from llama32_jax.checkpoint.convert import TensorMapper, map_state_dict, to_numpy
 from llama32_jax.checkpoint.keymap_vision import (
     IGNORED,
     INDEX_SPACES,
@@ -18,15 +18,15 @@ from llama32_jax.checkpoint.keymap_vision import (
     TABLES,
     TRANSFORMS,
     Array,
-    _counts,
-    _fill_path,
-    _hf_merged,
     expected_source_keys,
+    fill_path,
+    hf_merged_layers,
     hf_stored_key,
+    index_counts,
     source_shape,
     target_shapes,
 )
-from llama32_jax.configs import ModelConfig
+from llama32_jax.configs.base import ModelConfig
 from llama32_jax.errors import CheckpointError
 
 __all__ = ["VisionTensorMapper", "vision_params_from_state_dict", "vision_state_dict_from_params"]
@@ -44,14 +44,13 @@ def _why_unexpected(config: ModelConfig, fmt: str, key: str, stored: str) -> str
             continue
         index = int(m.group(1))
         if fmt == "hf" and rule.index in ("layer", "cross"):
-            merged = _hf_merged(config)
+            merged = hf_merged_layers(config)
             total = len(merged["layer"]) + len(merged["cross"])
             if index < total:
                 continue  # a valid position of the other kind; another rule may name it
             return f"key {shown}: layer {index} is out of range for {total} HF decoder layers"
-        return (
-            f"key {shown}: layer {index} is out of range for {_counts(config)[rule.index]} {INDEX_SPACES[rule.index]}s"
-        )
+        count = index_counts(config)[rule.index]
+        return f"key {shown}: layer {index} is out of range for {count} {INDEX_SPACES[rule.index]}s"
     if fmt == "hf":
         m = re.match(r"^language_model\.model\.layers\.(\d+)\.", stored)
         if m and int(m.group(1)) in config.text.hf_cross_attention_layers:
@@ -98,7 +97,7 @@ class VisionTensorMapper:
             raise CheckpointError(f"key {key!r}: shape {tuple(array.shape)}, but {config.name} needs {want}")
         out = TRANSFORMS[rule.transform](array, config)
         outs = out if len(rule.targets) > 1 else (out,)
-        return [(_fill_path(path, layer), v) for path, v in zip(rule.targets, outs, strict=True)]
+        return [(fill_path(path, layer), v) for path, v in zip(rule.targets, outs, strict=True)]
 
     def finish(self) -> None:
         missing = [k for k in self.expected if k not in self._found]
@@ -153,7 +152,7 @@ def vision_state_dict_from_params(config: ModelConfig, params: Mapping, fmt: str
     out: dict[str, np.ndarray] = {}
     used: set[tuple] = set()
     for key, (rule, layer) in expected_source_keys(config, fmt).items():
-        paths = [_fill_path(p, layer) for p in rule.targets]
+        paths = [fill_path(p, layer) for p in rule.targets]
         values = [to_numpy(_get(params, p)) for p in paths]
         used.update(paths)
         wants = target_shapes(rule.transform, config, source_shape(rule, config))
@@ -172,3 +171,10 @@ def vision_state_dict_from_params(config: ModelConfig, params: Mapping, fmt: str
     if unused:
         raise CheckpointError(f"parameter {'.'.join(map(str, unused[0]))!r} has no key in the {fmt} checkpoint")
     return out
+
+
+def tensor_mapper(config: ModelConfig, fmt: str):
+    """The streaming key mapper for ``config``: text tables, or the vision tables for a vision model."""
+    if config.is_vision:
+        return VisionTensorMapper(config, fmt)
+    return TensorMapper(config, fmt)

@@ -27,11 +27,12 @@ import numpy as np
 
 from llama32_jax.checkpoint import keymap
 from llama32_jax.checkpoint.convert import params_from_state_dict
-from llama32_jax.config_readers import FieldReader
-from llama32_jax.configs import ModelConfig, RopeScaling, from_hf_config
+from llama32_jax.configs.base import ModelConfig, RopeScaling
+from llama32_jax.configs.hf import from_hf_config
+from llama32_jax.configs.readers import FieldReader
 from llama32_jax.errors import CheckpointError, ConfigError
-from llama32_jax.rope import inv_frequencies
-from llama32_jax.tokenizer import LLAMA3_PAT_STR
+from llama32_jax.inputs.tokenizer import LLAMA3_PAT_STR
+from llama32_jax.nn.rope import inv_frequencies
 
 __all__ = ["GGUFCheckpoint", "build_tokenizer", "read_gguf", "smollm2_gguf_path"]
 

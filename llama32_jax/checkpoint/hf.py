@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from llama32_jax.checkpoint.convert import params_from_state_dict
-from llama32_jax.configs import ModelConfig, from_hf_config
+from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict
+from llama32_jax.configs.base import ModelConfig
+from llama32_jax.configs.hf import from_hf_config
 from llama32_jax.errors import CheckpointError, QuantizedCheckpointError
 
 __all__ = ["check_float_tensors", "hf_weight_files", "iter_hf_tensors", "read_hf_params"]
@@ -86,7 +88,7 @@ def hf_weight_files(directory: str | os.PathLike) -> dict[Path, list[str] | None
     )
 
 
-def _header(path: Path) -> tuple[int, dict[str, Any]]:
+def safetensors_header(path: Path) -> tuple[int, dict[str, Any]]:
     """The safetensors header: (byte offset of the data section, {name: {dtype, shape, data_offsets}})."""
     with open(path, "rb") as f:
         size = int.from_bytes(f.read(8), "little")
@@ -141,7 +143,7 @@ def check_float_tensors(path: str | os.PathLike) -> None:
     """
     path = Path(path)
     try:
-        _, entries = _header(path)
+        _, entries = safetensors_header(path)
     except (OSError, ValueError, UnicodeDecodeError) as e:
         if isinstance(e, CheckpointError):
             raise
@@ -211,7 +213,7 @@ def _iter_file(path: Path, expected: list[str] | None) -> Iterator[tuple[str, np
                 raise CheckpointError(
                     f"{str(path)!r} does not hold what {INDEX_FILE!r} says: missing {missing[:5]}, unlisted {extra[:5]}"
                 )
-            header = _header(path)
+            header = safetensors_header(path)
             for key in keys:
                 yield key, _read_tensor(path, header, key)
     except (SafetensorError, OSError, ValueError) as e:
@@ -244,7 +246,5 @@ def read_hf_params(directory: str | os.PathLike, *, scan_layers: bool = False) -
     directory = Path(directory)
     config = from_hf_config(directory, name=directory.name or "hf", scan_layers=scan_layers)
     if config.is_vision:
-        from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict
-
         return config, vision_params_from_state_dict(config, dict(iter_hf_tensors(directory)), "hf")
     return config, params_from_state_dict(config, dict(iter_hf_tensors(directory)), "hf")

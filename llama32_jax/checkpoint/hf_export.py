@@ -20,9 +20,12 @@ import numpy as np
 from flax import nnx
 
 from llama32_jax.checkpoint.convert import state_dict_from_params
+from llama32_jax.checkpoint.pipeline import HF_TOKENIZER_FILES, atomic_directory, check_output
 from llama32_jax.checkpoint.safety import EXPORT_FORMAT, EXPORT_MARKER, user_path
-from llama32_jax.configs import ModelConfig
-from llama32_jax.errors import InvalidInputError
+from llama32_jax.configs.base import ModelConfig
+from llama32_jax.errors import CheckpointError, InvalidInputError
+from llama32_jax.inputs.tokenizer import HFTokenizer, LlamaTokenizer, default_llama3_tokenizer_path
+from llama32_jax.models.text import unstack_layers
 
 __all__ = ["export_hf", "hf_config_dict", "write_export_marker", "write_hf_files", "write_safetensors"]
 
@@ -89,7 +92,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray]) -
             f.write(arr.tobytes())
 
 
-def _source_path(model: Any) -> Path | None:
+def source_path(model: Any) -> Path | None:
     """The model's source file or directory on disk (``Model.source``), or None (built-in or in-memory models)."""
     source = getattr(model, "source", None)
     if isinstance(source, str | os.PathLike) and os.path.exists(os.path.expanduser(os.fspath(source))):
@@ -106,8 +109,6 @@ def write_hf_files(model: Any, directory: Path, *, dtype: str, tokenizer_dir: Pa
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
     params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
     if config.scan_layers:
-        from llama32_jax.text import unstack_layers
-
         params = unstack_layers(params)
     tensors = {k: np.asarray(v).astype(np_dtype) for k, v in state_dict_from_params(config, params, "hf").items()}
     (directory / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype=dtype), indent=2) + "\n")
@@ -119,9 +120,50 @@ def write_hf_files(model: Any, directory: Path, *, dtype: str, tokenizer_dir: Pa
             if src.is_file():
                 shutil.copy(src, directory / name)
     elif getattr(model, "tokenizer", None) is not None:
-        from llama32_jax.checkpoint.train_models import write_tokenizer_files
-
         write_tokenizer_files(model, directory)
+
+
+def write_tokenizer_files(model: Any, directory: str | os.PathLike) -> list[str]:
+    """Write ``model``'s tokenizer (an ``llama32_jax.Model``) into an HF directory; returns the file names.
+
+    Copied from the model's source directory when it has tokenizer files (HF, Meta or converted checkpoints), else
+    written from the loaded tokenizer: an HF-style one (GGUF, built-in models) as ``tokenizer.json`` +
+    ``tokenizer_config.json`` (BOS/EOS/pad, ``add_bos_token``, chat template) + ``generation_config.json`` (stop
+    ids); Meta's Llama 3 tokenizer as the ``tokenizer.model`` of the llama-models package. ``llama32_jax.load`` of
+    the directory then reads the same tokenizer back.
+    """
+
+    directory = Path(directory)
+    source = getattr(model, "source", None)
+    source = Path(os.path.expanduser(source)) if isinstance(source, str) else None
+    source = source if source is not None and source.is_dir() else None
+    names = [n for n in HF_TOKENIZER_FILES if source is not None and (source / n).is_file()]
+    if names:
+        for name in names:
+            shutil.copy2(source / name, directory / name)
+        return names
+    tok = model.tokenizer
+    if isinstance(tok, LlamaTokenizer):
+        shutil.copy2(default_llama3_tokenizer_path(), directory / "tokenizer.model")
+        return ["tokenizer.model"]
+    if isinstance(tok, HFTokenizer):
+        tok.backend.save(str(directory / "tokenizer.json"))
+
+        def piece(i):
+            return None if i is None else tok.id_to_piece(i)
+
+        config = {
+            "bos_token": piece(tok.bos_id),
+            "eos_token": piece(tok.eos_id),
+            "pad_token": piece(tok.pad_id),
+            "add_bos_token": tok.add_bos,
+            "chat_template": tok.chat_template,
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        generation = {"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids)}
+        (directory / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        return ["tokenizer.json", "tokenizer_config.json", "generation_config.json"]
+    raise CheckpointError(f"cannot write tokenizer files for a {type(tok).__name__}")
 
 
 def write_export_marker(directory: Path, *, dtype: str, **extra: Any) -> None:
@@ -162,9 +204,7 @@ def export_hf(
     if dtype not in _ST_DTYPES:
         raise InvalidInputError(f"dtype must be one of {sorted(_ST_DTYPES)}, got {dtype!r}")
     hf_config_dict(config)  # vision models are refused before anything is written
-    from llama32_jax.checkpoint.pipeline import atomic_directory, check_output
-
-    source = _source_path(model)
+    source = source_path(model)
     out = check_output(output, overwrite=overwrite, source=source)
     tok_dir = None
     if tokenizer_dir is not None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llama32_jax.configs import TextConfig
-from llama32_jax.rope import half_split_to_interleaved, interleaved_to_half_split
+from llama32_jax.configs.base import TextConfig
+from llama32_jax.nn.rope import half_split_to_interleaved, interleaved_to_half_split
 
 Array = np.ndarray
 

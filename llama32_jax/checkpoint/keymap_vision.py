@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from llama32_jax.checkpoint import keymap
-from llama32_jax.configs import ModelConfig
+from llama32_jax.configs.base import ModelConfig
 from llama32_jax.errors import CheckpointError
 
 __all__ = [
@@ -466,12 +466,12 @@ HF_IN_MEMORY_PREFIXES: tuple[tuple[str, str], ...] = (
 # Index spaces and the expected key set.
 
 
-def _counts(config: ModelConfig) -> dict[str, int]:
+def index_counts(config: ModelConfig) -> dict[str, int]:
     t, v = config.text, config.vision
     return {"layer": t.n_layers, "cross": t.n_cross_attention_layers, "vision": v.n_layers, "global": v.n_global_layers}
 
 
-def _hf_merged(config: ModelConfig) -> dict[str, list[int]]:
+def hf_merged_layers(config: ModelConfig) -> dict[str, list[int]]:
     """HF merged decoder positions of our self-attention layers and cross-attention layers, in our order."""
     t = config.text
     cross = list(t.hf_cross_attention_layers)
@@ -482,15 +482,15 @@ def _hf_merged(config: ModelConfig) -> dict[str, list[int]]:
 def _source_indices(config: ModelConfig, fmt: str, space: str) -> list[int]:
     """Source-key index of each of our layers of ``space``, in our order."""
     if fmt == "hf" and space in ("layer", "cross"):
-        return _hf_merged(config)[space]
-    return list(range(_counts(config)[space]))
+        return hf_merged_layers(config)[space]
+    return list(range(index_counts(config)[space]))
 
 
 def _fill(template: str, index: int | None) -> str:
     return template if index is None else template.replace("{i}", str(index))
 
 
-def _fill_path(path: Path, index: int | None) -> tuple:
+def fill_path(path: Path, index: int | None) -> tuple:
     return tuple(index if part == "{i}" else part for part in path)
 
 

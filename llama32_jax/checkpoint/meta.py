@@ -17,8 +17,10 @@ from typing import Any
 import numpy as np
 
 from llama32_jax.checkpoint.convert import params_from_state_dict, to_numpy
-from llama32_jax.config_files import load_config_json
-from llama32_jax.configs import ModelConfig, from_params_json
+from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict
+from llama32_jax.configs.base import ModelConfig
+from llama32_jax.configs.files import load_config_json
+from llama32_jax.configs.readers import from_params_json
 from llama32_jax.errors import CheckpointError
 
 # Meta's model-parallel layout as data: (key pattern, dim along which shards concatenate). Keys matching none
@@ -270,7 +272,5 @@ def read_meta_params(
         params_json, rope_factor=rope_factor, tie_embeddings=tie_embeddings, name=root.name, scan_layers=scan_layers
     )
     if config.is_vision:
-        from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict
-
         return config, vision_params_from_state_dict(config, tensors, "meta")
     return config, params_from_state_dict(config, tensors, "meta")

@@ -31,9 +31,11 @@ from typing import Any
 import numpy as np
 
 from llama32_jax.checkpoint.safety import MANIFEST, ORBAX_FORMAT, os_errno, short, storage_error, user_path
-from llama32_jax.config_readers import config_from_dict, config_to_dict
-from llama32_jax.configs import ModelConfig
+from llama32_jax.configs.base import ModelConfig
+from llama32_jax.configs.readers import config_from_dict, config_to_dict
 from llama32_jax.errors import CheckpointError, ConfigError, LlamaJaxError
+from llama32_jax.models.build import abstract_model
+from llama32_jax.nn.layers import flatten_tree
 
 PARAMS_DIR = "params"
 FORMAT = ORBAX_FORMAT
@@ -248,10 +250,8 @@ def _abstract_tree(config: ModelConfig, dtype, sharding: Callable[[tuple, tuple]
     import jax
     from flax import nnx
 
-    from llama32_jax.model import _flatten, abstract_model
-
     abstract = abstract_model(config.replace(scan_layers=False), param_dtype=dtype)
-    flat = _flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    flat = flatten_tree(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     out = {}
     for path, leaf in flat.items():

@@ -32,12 +32,17 @@ from pathlib import Path
 
 import numpy as np
 
-from llama32_jax.checkpoint.convert import tensor_mapper
+from llama32_jax.checkpoint.convert_vision import tensor_mapper
+from llama32_jax.checkpoint.hf import hf_weight_files, iter_hf_tensors, safetensors_header
+from llama32_jax.checkpoint.meta import MetaShards, read_params_json
 from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, PARAMS_DIR, ParamWriter, write_manifest
 from llama32_jax.checkpoint.safety import as_write_error, check_source_dir, ours, short, storage_error
 from llama32_jax.checkpoint.safety import check_output as _check_output
-from llama32_jax.configs import ModelConfig
+from llama32_jax.configs.base import ModelConfig
+from llama32_jax.configs.hf import from_hf_config
+from llama32_jax.configs.readers import from_params_json
 from llama32_jax.errors import CheckpointError, InvalidInputError, TokenizerError, UnsafePathError
+from llama32_jax.inputs import tokenizer as tokenizers
 
 DTYPES = ("bfloat16", "float32", "float16")
 HF_TOKENIZER_FILES = (
@@ -103,9 +108,6 @@ def meta_source(
     tie_embeddings: bool | None = None,
     config: ModelConfig | None = None,
 ) -> Source:
-    from llama32_jax.checkpoint.meta import MetaShards, read_params_json
-    from llama32_jax.configs import from_params_json
-
     params_json = read_params_json(path)
     shards = MetaShards(path)
     head, embed = "output.weight", "tok_embeddings.weight"
@@ -136,15 +138,12 @@ def meta_source(
 
 
 def hf_source(path: Path, *, config: ModelConfig | None = None) -> Source:
-    from llama32_jax.checkpoint.hf import _header, hf_weight_files, iter_hf_tensors
-    from llama32_jax.configs import from_hf_config
-
     if config is None:
         config = from_hf_config(path, name=path.name)
     nbytes: dict[str, int] = {}
     for file in hf_weight_files(path):
         try:
-            _, entries = _header(file)
+            _, entries = safetensors_header(file)
         except (OSError, ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"cannot read the safetensors header of {str(file)!r} (truncated or corrupt?)") from e
         for key, entry in entries.items():
@@ -302,11 +301,9 @@ def check_tokenizer(src: Source) -> None:
     names = {f.name for f in src.tokenizer_files}
     if not names & {"tokenizer.json", "tokenizer.model"}:
         return
-    from llama32_jax.tokenizer import load_tokenizer
-
     which = src.path / ("tokenizer.json" if "tokenizer.json" in names else "tokenizer.model")
     try:
-        load_tokenizer(src.path)
+        tokenizers.load_tokenizer(src.path)  # looked up at call time (tests replace it)
     except TokenizerError as e:
         raise TokenizerError(f"the source's tokenizer cannot be loaded, so nothing was converted: {e}") from e
     except Exception as e:  # e.g. PermissionError, or a parser's own exception type

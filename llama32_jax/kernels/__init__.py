@@ -2,7 +2,7 @@
 
 Three ops, one folder each, every folder laid out the same way:
 
-- ``reference.py`` re-exports the op's reference from :mod:`llama32_jax.attention` (the ``"xla"`` implementation;
+- ``reference.py`` re-exports the op's reference from :mod:`llama32_jax.nn.attention` (the ``"xla"`` implementation;
   never a second copy);
 - ``pallas_gpu.py``: the GPU kernel (Pallas, Triton lowering);
 - ``pallas_tpu.py``: the TPU kernel (Pallas, Mosaic TPU lowering: a grid over key blocks with VMEM accumulators);
@@ -20,7 +20,10 @@ The ops (each imported from its folder, e.g. ``from llama32_jax.kernels.flash_at
 - ``decode_attention``: a few new queries against a long KV cache, split along the key axis;
 - ``cross_attention``: Mllama text queries over vision tokens with the per-image, per-tile mask.
 
-The model reaches them through :mod:`llama32_jax.kernels.attend`.
+The model reaches them through :mod:`llama32_jax.nn.attend`.
+
+May import ``errors``, ``dims`` and ``nn.attention`` (the references); never ``models`` or anything above. Each
+op's package imports its Pallas backends on first use (they import the op package back, for shared helpers).
 """
 
 from __future__ import annotations
@@ -101,3 +104,18 @@ def check_qkv(op: str, q, k, v, keys: str = "S") -> tuple[int, int, int, int, in
             f"{op}: query heads N={n} (q {tuple(q.shape)}) must be a multiple of kv heads K={kv_heads}"
         )
     return b, t, n, h, kv_heads, s
+
+
+def split_blocks(lo, hi, split, *, block_k: int, num_splits: int):
+    """The key blocks ``[first, stop)`` that split ``split`` processes (empty when ``stop <= first``).
+
+    The blocks intersecting the key range ``[lo, hi)`` (``0 <= lo <= hi``) are cut into ``num_splits`` contiguous
+    runs of ``ceil(n_blocks / num_splits)`` blocks; the last runs may be short or empty. Pure integer arithmetic
+    on scalars, so the GPU kernel, the TPU kernel and the TPU index maps all call it on traced values.
+    """
+    div = jax.lax.div  # truncating = flooring here (everything is >= 0), and cheaper than `//` in the kernels
+    first_block = div(lo, block_k)
+    stop_block = div(hi + block_k - 1, block_k)
+    per = div(jnp.where(hi > lo, stop_block - first_block, 0) + num_splits - 1, num_splits)
+    first = first_block + split * per
+    return first, jnp.minimum(first + per, stop_block)

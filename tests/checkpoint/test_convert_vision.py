@@ -19,8 +19,8 @@ import torch
 import llama32_jax as lj
 from llama32_jax.checkpoint.orbax_ckpt import read_manifest, restore_params
 from llama32_jax.errors import CheckpointError
-from llama32_jax.mllama import Mllama
-from llama32_jax.model import load_params
+from llama32_jax.models.build import load_params
+from llama32_jax.models.mllama import Mllama
 from tests.refs_vision import CFG
 from tests.vision_fixtures import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
 

@@ -20,7 +20,7 @@ from llama32_jax.checkpoint import state_dict_from_params
 from llama32_jax.checkpoint.gguf import build_tokenizer, read_gguf, smollm2_gguf_path
 from llama32_jax.configs import RopeScaling, TextConfig
 from llama32_jax.errors import CheckpointError
-from llama32_jax.model import forward, load_params
+from llama32_jax.models.build import forward, load_params
 from tests.refs import hf_llama, torch_logits
 
 # fp32 end to end on a real 30-layer model whose logits reach |41|: transformers' own fp32 logits are 8.6e-5 from

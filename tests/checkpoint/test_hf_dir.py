@@ -17,7 +17,7 @@ import pytest
 from llama32_jax.checkpoint.hf import iter_hf_tensors, read_hf_params
 from llama32_jax.configs import RopeScaling, TextConfig
 from llama32_jax.errors import CheckpointError, ConfigError
-from llama32_jax.model import forward, load_params
+from llama32_jax.models.build import forward, load_params
 from tests.refs import hf_llama, torch_logits
 
 TOL = 1e-4  # max |Δlogit|, fp32 end to end

@@ -19,7 +19,7 @@ import torch
 import llama32_jax as lj
 from llama32_jax.checkpoint.meta import read_meta_params
 from llama32_jax.errors import CheckpointError
-from llama32_jax.tokenizer import default_llama3_tokenizer_path
+from llama32_jax.inputs.tokenizer import default_llama3_tokenizer_path
 from tests.refs import meta_transformer, torch_logits
 
 PARAMS = {

@@ -70,7 +70,7 @@ def _logits(path, tokens) -> np.ndarray:
 
 
 def _byte_tokenizer_json(path: Path) -> None:
-    from llama32_jax.checkpoint.train_models import byte_tokenizer
+    from llama32_jax.training.base_models import byte_tokenizer
 
     byte_tokenizer().backend.save(str(path))
 
@@ -540,7 +540,7 @@ def test_bad_tokenizer_config_and_meta_tokenizer_model_are_refused(tmp_path, hf_
 
 
 def test_unreadable_tokenizer_is_a_tokenizer_error(tmp_path, monkeypatch, hf_src):
-    import llama32_jax.tokenizer as tok_module
+    import llama32_jax.inputs.tokenizer as tok_module
 
     def unreadable(path):
         raise PermissionError(errno.EACCES, "Permission denied", str(Path(path) / "tokenizer.json"))
@@ -556,9 +556,9 @@ def test_unreadable_tokenizer_is_a_tokenizer_error(tmp_path, monkeypatch, hf_src
 
 
 def test_train_checkpoints_take_relative_and_tilde_paths(tmp_path, monkeypatch):
-    from llama32_jax.checkpoint.train_models import export_model, load_base_model
-    from llama32_jax.checkpoint.train_state import RunSpec, TrainCheckpointer, read_run, read_state
-    from llama32_jax.train import TrainConfig, Trainer
+    from llama32_jax.training.base_models import export_model, load_base_model
+    from llama32_jax.training.state import RunSpec, TrainCheckpointer, read_run, read_state
+    from llama32_jax.training.train import TrainConfig, Trainer
 
     home = tmp_path / "home"
     home.mkdir()

@@ -10,8 +10,8 @@ from flax import nnx
 from llama32_jax.checkpoint import params_from_state_dict, state_dict_from_params
 from llama32_jax.configs import TINY_TEXT
 from llama32_jax.errors import CheckpointError
-from llama32_jax.model import init_model, load_params
-from llama32_jax.text import stack_layers, unstack_layers
+from llama32_jax.models.build import init_model, load_params
+from llama32_jax.models.text import stack_layers, unstack_layers
 
 CFG = TINY_TEXT  # tied head
 

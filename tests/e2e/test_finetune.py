@@ -25,19 +25,19 @@ from flax import nnx
 
 import llama32_jax as lj
 from llama32_jax import configs, sharding
-from llama32_jax.checkpoint.train_models import write_tokenizer_files
-from llama32_jax.checkpoint.train_state import (
+from llama32_jax.checkpoint.hf_export import write_tokenizer_files
+from llama32_jax.errors import CheckpointError
+from llama32_jax.models.build import init_model
+from llama32_jax.training.data import make_dataset
+from llama32_jax.training.lora import merge_lora
+from llama32_jax.training.state import (
     RunSpec,
     TrainCheckpointer,
     read_run,
     read_state,
     resume,
 )
-from llama32_jax.data import make_dataset
-from llama32_jax.errors import CheckpointError
-from llama32_jax.lora import merge_lora
-from llama32_jax.model import init_model
-from llama32_jax.train import TrainConfig, Trainer
+from llama32_jax.training.train import TrainConfig, Trainer
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,7 +69,7 @@ TRAIN, HELD_OUT = EXAMPLES[:14], EXAMPLES[14:]
 
 
 def _chat_ids(model, dialog) -> np.ndarray:
-    from llama32_jax.chat_format import chat_format_for
+    from llama32_jax.inputs.chat_format import chat_format_for
 
     return np.array([chat_format_for(model.tokenizer).encode_dialog(dialog[:1], add_generation_prompt=True)])
 
@@ -99,8 +99,8 @@ def test_lora_on_smollm2_lowers_the_loss_and_merges_exactly(gguf_file, tmp_path)
     np.testing.assert_array_equal(merged.argmax(-1), unmerged.argmax(-1))
 
     # A GGUF's tokenizer written for an HF export reads back the same (tokens, chat format, BOS/stop ids).
-    from llama32_jax.chat_format import chat_format_for
-    from llama32_jax.tokenizer import load_tokenizer
+    from llama32_jax.inputs.chat_format import chat_format_for
+    from llama32_jax.inputs.tokenizer import load_tokenizer
 
     write_tokenizer_files(model, tmp_path)
     back = load_tokenizer(tmp_path)

@@ -34,10 +34,10 @@ from llama32_jax import configs
 from llama32_jax.api import Model
 from llama32_jax.checkpoint.convert import to_numpy
 from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict
-from llama32_jax.guard import ModerationError, ModerationResult
-from llama32_jax.image import preprocess
-from llama32_jax.model import init_model, load_params
-from llama32_jax.tokenizer import LlamaTokenizer
+from llama32_jax.inference.guard import ModerationError, ModerationResult
+from llama32_jax.inputs.image import preprocess
+from llama32_jax.inputs.tokenizer import LlamaTokenizer
+from llama32_jax.models.build import init_model, load_params
 from tests.refs_vision import CFG, meta_logits, meta_mllama
 from tests.unit.test_guard import HF_11B_VISION_TARGET, MAYO
 
@@ -111,7 +111,7 @@ def test_chat_with_an_image_equals_meta(api, meta, image, tok, attention_impl):
     from llama_models.llama3.chat_format import ChatFormat
     from llama_models.llama3.tokenizer import Tokenizer
 
-    from llama32_jax.tokenizer import default_llama3_tokenizer_path
+    from llama32_jax.inputs.tokenizer import default_llama3_tokenizer_path
 
     dialog = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": MAYO}]}]
     got = api.chat(dialog, max_new_tokens=8, stop_ids=[], return_details=True)[0]

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import llama32_jax as lj
-from llama32_jax.chat_format import chat_format_for
 from llama32_jax.configs import RopeScaling, TextConfig
+from llama32_jax.inputs.chat_format import chat_format_for
 from tests.refs import hf_llama
 
 TEXT = TextConfig(

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from llama32_jax.api import Model
-from llama32_jax.generate import generate_tokens
-from llama32_jax.image import preprocess
-from llama32_jax.model import load_params
+from llama32_jax.inference.generate import generate_tokens
+from llama32_jax.inputs.image import preprocess
+from llama32_jax.models.build import load_params
 from tests.refs_vision import CFG, IMG, align_hf_intermediate_layers
 from tests.vision_fixtures import hf_model, hf_sd, meta_model, meta_sd, params  # noqa: F401
 
@@ -134,7 +134,7 @@ def test_bad_image_requests_are_named(ours, images):
 
 def test_text_prompt_marks_images_with_the_image_string(ours):
     """With images, ``<|image|>`` in a text prompt becomes the model's image token; without, text stays text."""
-    from llama32_jax.tokenizer import LlamaTokenizer, default_llama3_tokenizer_path
+    from llama32_jax.inputs.tokenizer import LlamaTokenizer, default_llama3_tokenizer_path
 
     tok = LlamaTokenizer.from_file(default_llama3_tokenizer_path())
     api = Model(ours, tok)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.kernels.decode_attention import decode_attention, split_blocks
+from llama32_jax.kernels import split_blocks
+from llama32_jax.kernels.decode_attention import decode_attention
 from tests.kernels.conftest import FORWARD_TOL, tol
 
 F32, BF16 = jnp.float32, jnp.bfloat16

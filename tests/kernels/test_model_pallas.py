@@ -19,12 +19,12 @@ import pytest
 from flax import nnx
 
 from llama32_jax import configs, sharding
-from llama32_jax.cache import KVCache
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.generate import generate_tokens
-from llama32_jax.image import preprocess
-from llama32_jax.kernels.attend import set_attention_impl
-from llama32_jax.model import forward, init_model, load_params
+from llama32_jax.inference.generate import generate_tokens
+from llama32_jax.inputs.image import preprocess
+from llama32_jax.models.build import forward, init_model, load_params
+from llama32_jax.nn.attend import set_attention_impl
+from llama32_jax.nn.cache import KVCache
 
 TOL = 1e-5  # fp32 end to end, as the parity tests
 
@@ -142,13 +142,13 @@ def test_vision_model_pallas_equals_xla(images, scan):
     want = [o.tokens for o in generate_tokens(xla, prompts, max_new_tokens=6, images=batch)]
     assert [o.tokens for o in generate_tokens(pallas, prompts, max_new_tokens=6, images=batch)] == want
 
-    from llama32_jax.generate import _tile_mask
+    from llama32_jax.inference.generate import image_tile_mask
 
     length = max(len(p) for p in prompts)
     ids = np.zeros((len(prompts), length), np.int32)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = p
-    mask = jnp.asarray(_tile_mask(config, ids.tolist(), batch, length))
+    mask = jnp.asarray(image_tile_mask(config, ids.tolist(), batch, length))
     args = (jnp.asarray(batch.pixel_values), jnp.asarray(batch.aspect_ratio_ids), mask)
     cross = jax.jit(lambda m, *a: m.cross_inputs(*a))(xla, *args)
     np.testing.assert_allclose(

@@ -14,11 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama32_jax.attention import cross_attention as cross_reference
-from llama32_jax.attention import self_attention
 from llama32_jax.kernels.cross_attention import cross_attention
 from llama32_jax.kernels.decode_attention import decode_attention
 from llama32_jax.kernels.flash_attention import flash_attention
+from llama32_jax.nn.attention import cross_attention as cross_reference
+from llama32_jax.nn.attention import self_attention
 from tests.kernels.conftest import FORWARD_TOL, GRAD_TOL, tol
 
 pltpu = pytest.importorskip("jax.experimental.pallas.tpu")

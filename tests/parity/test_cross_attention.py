@@ -15,8 +15,8 @@ import torch
 from flax import nnx
 
 from llama32_jax.checkpoint.convert_vision import VisionTensorMapper
-from llama32_jax.cross_attention import CrossAttentionBlock
-from llama32_jax.cross_mask import dense_cross_attention_mask, image_token_ranges, text_row_mask
+from llama32_jax.models.cross_attention import CrossAttentionBlock
+from llama32_jax.models.cross_mask import dense_cross_attention_mask, image_token_ranges, text_row_mask
 from tests.refs_vision import CFG, meta_mllama
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 
 from llama32_jax import configs
-from llama32_jax.cross_mask import dense_cross_attention_mask, image_token_ranges
-from llama32_jax.mllama import Mllama
-from llama32_jax.model import abstract_model, load_params, param_count
-from llama32_jax.vision import aspect_ratio_ids
+from llama32_jax.models.build import abstract_model, load_params, param_count
+from llama32_jax.models.cross_mask import dense_cross_attention_mask, image_token_ranges
+from llama32_jax.models.mllama import Mllama
+from llama32_jax.models.vision import aspect_ratio_ids
 from tests.refs_vision import (
     CFG,
     IMAGES,

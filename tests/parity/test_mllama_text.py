@@ -18,11 +18,11 @@ import pytest
 import torch
 from flax import nnx
 
-from llama32_jax.cache import KVCache
 from llama32_jax.checkpoint.convert_vision import vision_params_from_state_dict
-from llama32_jax.cross_mask import dense_cross_attention_mask, image_token_ranges
-from llama32_jax.mllama import CrossInputs, MllamaText
-from llama32_jax.text import stack_layers
+from llama32_jax.models.cross_mask import dense_cross_attention_mask, image_token_ranges
+from llama32_jax.models.mllama import CrossInputs, MllamaText
+from llama32_jax.models.text import stack_layers
+from llama32_jax.nn.cache import KVCache
 from tests.refs_vision import CFG, IMAGES, IMG, SEQ, TOKENS, TOKENS_TEXT_FIRST, meta_logits, meta_mllama
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*all_gather_tensor.*:FutureWarning")

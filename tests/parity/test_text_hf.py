@@ -14,7 +14,7 @@ import pytest
 
 from llama32_jax.checkpoint import params_from_state_dict, state_dict_from_params
 from llama32_jax.configs import ModelConfig, RopeScaling, TextConfig, from_hf_config
-from llama32_jax.model import load_params
+from llama32_jax.models.build import load_params
 from tests.refs import hf_llama, torch_logits
 
 TOL = 1e-4  # max |Δlogit|, fp32 end to end

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from llama32_jax.cache import KVCache
 from llama32_jax.checkpoint import params_from_state_dict
 from llama32_jax.configs import from_params_json
-from llama32_jax.model import load_params
+from llama32_jax.models.build import load_params
+from llama32_jax.nn.cache import KVCache
 from tests.refs import meta_params_json, meta_transformer, torch_logits
 
 TOL = 1e-4

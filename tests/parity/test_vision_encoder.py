@@ -1,4 +1,4 @@
-"""The vision encoder + projector (``llama32_jax.vision``) against Meta's and transformers' references.
+"""The vision encoder + projector (``llama32_jax.models.vision``) against Meta's and transformers' references.
 
 A tiny Mllama is built in Meta's reference with seeded random weights (tests/refs_vision.py; gates well away from
 0, so every gated path matters). Its state dict goes through our converter into our tree, and from there into an
@@ -23,7 +23,7 @@ from flax import nnx
 from llama32_jax.checkpoint import keymap_vision as kv
 from llama32_jax.configs import LLAMA_3_2_11B_VISION
 from llama32_jax.errors import CheckpointError, InvalidInputError
-from llama32_jax.vision import (
+from llama32_jax.models.vision import (
     VisionTower,
     abstract_vision_tower,
     aspect_ratio_ids,

@@ -10,7 +10,7 @@ import jax
 import pytest
 
 from llama32_jax import configs
-from llama32_jax.model import abstract_model, param_count
+from llama32_jax.models.build import abstract_model, param_count
 
 # docs/model-facts.md §1.4 (rounded to the digits given there), in billions.
 EXPECTED = {

@@ -15,7 +15,7 @@ import pytest
 import llama32_jax as lj
 from llama32_jax import sharding
 from llama32_jax.checkpoint.orbax_ckpt import read_manifest, restore_params
-from llama32_jax.model import _flatten
+from llama32_jax.nn.layers import flatten_tree
 from tests.sharding.test_sharding import TEXT, VISION, _assert_param_specs, _params
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices: XLA_FLAGS in conftest")
@@ -52,7 +52,7 @@ def test_restore_reads_each_array_into_its_plan_sharding(text_ckpt):
     _, config = read_manifest(path)
     _, tree = restore_params(path, sharding=sharding.restore_shardings(config, plan, mesh))
     specs = sharding.flat_param_specs(config, plan)
-    for key, array in _flatten(tree).items():
+    for key, array in flatten_tree(tree).items():
         assert array.sharding.spec == specs[key] and array.sharding.mesh == mesh, key
 
 

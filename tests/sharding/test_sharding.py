@@ -20,10 +20,11 @@ import pytest
 from flax import nnx
 
 from llama32_jax import configs, dims, sharding
-from llama32_jax.cache import KVCache
-from llama32_jax.generate import generate_tokens
-from llama32_jax.image import preprocess
-from llama32_jax.model import _flatten, forward, init_model, load_params
+from llama32_jax.inference.generate import generate_tokens
+from llama32_jax.inputs.image import preprocess
+from llama32_jax.models.build import forward, init_model, load_params
+from llama32_jax.nn.cache import KVCache
+from llama32_jax.nn.layers import flatten_tree
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices: XLA_FLAGS in conftest")
 
@@ -64,8 +65,8 @@ def _prompts(config, n=B, seed=1):
 
 
 def _assert_param_specs(model, plan):
-    expected = _flatten(nnx.to_pure_dict(sharding.param_specs(model, plan)))
-    actual = _flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    expected = flatten_tree(nnx.to_pure_dict(sharding.param_specs(model, plan)))
+    actual = flatten_tree(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     assert expected.keys() == actual.keys()
     for path, value in actual.items():
         assert value.sharding.spec == expected[path], path
@@ -131,7 +132,7 @@ VISION_PROMPTS = [[VISION.image_token_id, 5, 17, 300, 9], [3, 8, 21, 7], [VISION
 
 def _vision_inputs(config, images):
     """Eight id rows (the prompts + text, and text-only fillers) with their images, tile mask and cross inputs."""
-    from llama32_jax.generate import _tile_mask
+    from llama32_jax.inference.generate import image_tile_mask
 
     full = [[*p, 11, 12, 13] for p in VISION_PROMPTS] + [[1, 2, 3]] * (B - len(VISION_PROMPTS))
     length = max(len(p) for p in full)
@@ -139,7 +140,7 @@ def _vision_inputs(config, images):
     for i, p in enumerate(full):
         ids[i, : len(p)] = p
     batch8 = preprocess([*images, *[[]] * (B - len(images))], config.vision)
-    mask = _tile_mask(config, ids.tolist(), batch8, length)
+    mask = image_tile_mask(config, ids.tolist(), batch8, length)
     return ids, (jnp.asarray(batch8.pixel_values), jnp.asarray(batch8.aspect_ratio_ids), jnp.asarray(mask))
 
 

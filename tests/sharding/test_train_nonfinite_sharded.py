@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from llama32_jax import configs, sharding
-from llama32_jax.model import init_model
-from llama32_jax.train import TrainConfig, Trainer
+from llama32_jax.models.build import init_model
+from llama32_jax.training.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices: XLA_FLAGS in conftest")
 

@@ -16,8 +16,8 @@ import pytest
 from flax import nnx
 
 from llama32_jax import configs, sharding
-from llama32_jax.model import init_model
-from llama32_jax.train import TrainConfig, Trainer
+from llama32_jax.models.build import init_model
+from llama32_jax.training.train import TrainConfig, Trainer
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices: XLA_FLAGS in conftest")
 
@@ -37,7 +37,7 @@ def _batch(seed):
 
 def test_sharded_gradients_equal_single_device():
     """The loss gradients themselves (before any optimizer) under FSDP x TP equal the unsharded ones."""
-    from llama32_jax.train import lm_loss
+    from llama32_jax.training.train import lm_loss
 
     batch = {k: jnp.asarray(v) for k, v in _batch(0).items()}
     grads = []
@@ -91,8 +91,8 @@ def test_sharded_step_equals_single_device(plan, cfg):
     for path, value in want:
         np.testing.assert_allclose(np.asarray(got[path]), np.asarray(value), atol=step_tol, rtol=0)
     # Trained parameters keep their plan layout through the update.
-    from llama32_jax.model import _flatten
+    from llama32_jax.nn.layers import flatten_tree
 
-    specs = _flatten(nnx.to_pure_dict(sharding.param_specs(sharded.model, sharding.load_plan(plan))))
-    for path, value in _flatten(nnx.to_pure_dict(sharded.trainable)).items():
+    specs = flatten_tree(nnx.to_pure_dict(sharding.param_specs(sharded.model, sharding.load_plan(plan))))
+    for path, value in flatten_tree(nnx.to_pure_dict(sharded.trainable)).items():
         assert value.sharding.spec == specs[path], path

@@ -17,12 +17,12 @@ import pytest
 
 import llama32_jax as lj
 from llama32_jax.api import Model
-from llama32_jax.chat_format import TemplateChatFormat
 from llama32_jax.configs import TINY_TEXT, TINY_VISION
 from llama32_jax.errors import CheckpointError, InvalidInputError
-from llama32_jax.generate import generate_tokens
-from llama32_jax.model import forward, init_model
-from llama32_jax.tokenizer import HFTokenizer
+from llama32_jax.inference.generate import generate_tokens
+from llama32_jax.inputs.chat_format import TemplateChatFormat
+from llama32_jax.inputs.tokenizer import HFTokenizer
+from llama32_jax.models.build import forward, init_model
 
 V = TINY_TEXT.text.vocab_size
 LLAMA3_SPECIALS = [

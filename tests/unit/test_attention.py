@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama32_jax.attention import attention, slot_mask
+from llama32_jax.nn.attention import attention, slot_mask
 
 
 def _naive(q, k, v, mask):

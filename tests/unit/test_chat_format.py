@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from llama32_jax.chat_format import Llama3ChatFormat, TemplateChatFormat, chat_format_for, knowledge_date_preamble
 from llama32_jax.errors import InvalidInputError, TokenizerError
-from llama32_jax.tokenizer import HFTokenizer, LlamaTokenizer, default_llama3_tokenizer_path, load_tokenizer
+from llama32_jax.inputs.chat_format import (
+    Llama3ChatFormat,
+    TemplateChatFormat,
+    chat_format_for,
+    knowledge_date_preamble,
+)
+from llama32_jax.inputs.tokenizer import HFTokenizer, LlamaTokenizer, default_llama3_tokenizer_path, load_tokenizer
 
 SPEC_DIALOG_IDS = [
     128000,

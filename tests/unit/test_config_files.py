@@ -8,8 +8,8 @@ import json
 import pytest
 
 import llama32_jax as lj
-from llama32_jax.config_readers import config_to_dict
 from llama32_jax.configs import LLAMA_3_2_1B, TINY_TEXT, from_hf_config, from_params_json
+from llama32_jax.configs.readers import config_to_dict
 from llama32_jax.errors import ConfigError, NotAModelConfigError, QuantizedCheckpointError
 from tests.config_dicts import GENERATION_CONFIG, GPTQ_QUANTIZE_CONFIG, HF_1B, LFS_POINTER, MLLAMA_11B, TOKENIZER_CONFIG
 

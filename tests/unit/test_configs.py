@@ -241,7 +241,7 @@ def test_named_constants_and_lookup():
 
 
 def test_json_form_round_trips_every_named_config():
-    from llama32_jax.config_readers import config_from_dict, config_to_dict
+    from llama32_jax.configs.readers import config_from_dict, config_to_dict
 
     for cfg in [*configs.CONFIGS.values(), configs.TINY_TEXT.replace(scan_layers=True)]:
         data = json.loads(json.dumps(config_to_dict(cfg)))

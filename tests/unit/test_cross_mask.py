@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llama32_jax.cross_mask import (
+from llama32_jax.errors import InvalidInputError
+from llama32_jax.models.cross_mask import (
     OPEN_END,
     dense_cross_attention_mask,
     extend_for_generation,
     image_token_ranges,
     text_row_mask,
 )
-from llama32_jax.errors import InvalidInputError
 
 IMG = 128256
 MAX_TILES = 4

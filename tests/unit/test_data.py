@@ -8,10 +8,10 @@ import logging
 import numpy as np
 import pytest
 
-from llama32_jax.chat_format import Llama3ChatFormat, TemplateChatFormat
-from llama32_jax.data import FIELDS, JsonlSource, encode_example, make_dataset, pack_sequences, pad_sequences
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.tokenizer import LlamaTokenizer
+from llama32_jax.inputs.chat_format import Llama3ChatFormat, TemplateChatFormat
+from llama32_jax.inputs.tokenizer import LlamaTokenizer
+from llama32_jax.training.data import FIELDS, JsonlSource, encode_example, make_dataset, pack_sequences, pad_sequences
 
 DIALOGS = [
     [
@@ -170,7 +170,7 @@ def _check_rows(rows, seqs, seq_len):
 def test_packing(num_bins, caplog):
     seq_len = 16
     seqs = _sequences([5, 9, 2, 17, 40, 3, 8, 8, 16, 12, 2, 30])
-    with caplog.at_level(logging.WARNING, logger="llama32_jax.data"):
+    with caplog.at_level(logging.WARNING, logger="llama32_jax.training.data"):
         rows = list(pack_sequences(seqs, seq_len, num_bins=num_bins))
     _check_rows(rows, seqs, seq_len)
     assert len(rows) < len(seqs)  # several sequences share rows

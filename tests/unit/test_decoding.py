@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama32_jax.cache import KVCache
 from llama32_jax.configs import TINY_TEXT
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.model import forward, init_model
+from llama32_jax.models.build import forward, init_model
+from llama32_jax.nn.cache import KVCache
 
 TOL = 1e-5
 

@@ -10,8 +10,8 @@ from flax import nnx
 
 from llama32_jax.configs import TINY_TEXT
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.generate import bucket, generate_tokens
-from llama32_jax.model import forward, init_model
+from llama32_jax.inference.generate import bucket, generate_tokens
+from llama32_jax.models.build import forward, init_model
 
 V = TINY_TEXT.text.vocab_size
 

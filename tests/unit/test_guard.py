@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.guard import (
+from llama32_jax.inference.guard import (
     CODE_INTERPRETER_ABUSE,
     HAZARD_CATEGORIES,
     ModerationError,
@@ -25,7 +25,7 @@ from llama32_jax.guard import (
     build_prompt,
     parse_verdict,
 )
-from llama32_jax.tokenizer import LlamaTokenizer, default_llama3_tokenizer_path
+from llama32_jax.inputs.tokenizer import LlamaTokenizer, default_llama3_tokenizer_path
 
 HF_11B_VISION_TARGET = (
     "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<|image|> Task: Check if there is unsafe content "

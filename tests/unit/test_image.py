@@ -12,7 +12,7 @@ details docs/model-facts.md §6 leaves out and we follow HF on: the floored resi
 slots too (``test_batch_with_padding``). docs/model-facts.md §6.1 notes that Meta drops alpha where HF composites over
 white and does not pick one; we follow HF.
 
-Our deliberate departures from HF (documented in ``llama32_jax.image``), each tested below:
+Our deliberate departures from HF (documented in ``llama32_jax.inputs.image``), each tested below:
 * 16-bit grayscale (``I;16``, ``I``) is scaled to 8 bits; HF/PIL clip every value above 255 to white.
 * A transparent image *file* is composited over white like a transparent PIL image; HF's ``load_image`` drops the
   alpha of files (``convert("RGB")``) while compositing PIL images -- an inconsistency we do not copy.
@@ -32,7 +32,7 @@ from PIL import Image
 
 from llama32_jax.configs import ALL_ASPECT_RATIOS_4, TINY_VISION
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.image import (
+from llama32_jax.inputs.image import (
     CLIP_MEAN,
     CLIP_STD,
     ImageBatch,

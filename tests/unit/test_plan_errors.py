@@ -145,7 +145,7 @@ def test_plan_larger_than_the_devices():
 
 def test_shard_model_refuses_a_mesh_of_the_wrong_type():
     from llama32_jax import configs
-    from llama32_jax.model import abstract_model
+    from llama32_jax.models.build import abstract_model
 
     with pytest.raises(PlanError, match="mesh must be a jax.sharding.Mesh or None .*got str"):
         sharding.shard_model(abstract_model(configs.TINY_TEXT), "single", mesh="single")
@@ -173,8 +173,8 @@ def test_load_plan_refuses_a_mesh():
     ],
 )
 def test_distributed_initialize_argument_errors(kwargs, match):
-    from llama32_jax import distributed
     from llama32_jax.errors import InvalidInputError
+    from llama32_jax.sharding import distributed
 
     with pytest.raises(InvalidInputError, match=match):  # refused before jax.distributed is touched
         distributed.initialize(**kwargs)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from llama32_jax.configs import LLAMA_3_2_1B, LLAMA_3_2_3B, LLAMA_3_2_11B_VISION, RopeScaling
-from llama32_jax.rope import (
+from llama32_jax.nn.rope import (
     apply_rope,
     half_split_to_interleaved,
     interleaved_to_half_split,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from llama32_jax.errors import InvalidInputError, LlamaJaxError, TokenizerError
-from llama32_jax.tokenizer import (
+from llama32_jax.inputs.tokenizer import (
     LLAMA3_SPECIAL_TOKENS,
     HFTokenizer,
     LlamaTokenizer,

@@ -13,9 +13,9 @@ from flax import nnx
 
 from llama32_jax import configs
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.lora import add_lora, has_lora, lora_param_count, merge_lora
-from llama32_jax.model import forward, init_model, param_count
-from llama32_jax.train import TrainConfig, Trainer, check_batch, lm_loss
+from llama32_jax.models.build import forward, init_model, param_count
+from llama32_jax.training.lora import add_lora, has_lora, lora_param_count, merge_lora
+from llama32_jax.training.train import TrainConfig, Trainer, check_batch, lm_loss
 
 TEXT = configs.TINY_TEXT
 
@@ -144,8 +144,8 @@ def test_packed_rows_equal_their_sequences_run_alone():
 
 def test_vision_cross_attention_adapter_trains_alone():
     """LoRA on the cross-attention blocks only, with images: only those adapters exist and change, loss falls."""
-    from llama32_jax.generate import _tile_mask
-    from llama32_jax.image import preprocess
+    from llama32_jax.inference.generate import image_tile_mask
+    from llama32_jax.inputs.image import preprocess
 
     config = configs.TINY_VISION
     model = init_model(config, param_dtype=jnp.float32)
@@ -163,7 +163,7 @@ def test_vision_cross_attention_adapter_trains_alone():
         "loss_mask": np.ones((2, 16), np.float32),
         "pixel_values": images.pixel_values,
         "aspect_ratio_ids": images.aspect_ratio_ids,
-        "tile_mask": _tile_mask(config, ids[:, :-1].tolist(), images, 16),
+        "tile_mask": image_tile_mask(config, ids[:, :-1].tolist(), images, 16),
     }
     frozen_before = _params(model)
     trainer = Trainer(model, TrainConfig(mode="lora", lora_targets=("cross",), learning_rate=2e-2, total_steps=10))
@@ -202,7 +202,7 @@ def test_configuration_and_batch_errors_are_named():
     with pytest.raises(InvalidInputError, match="batch\\['targets'\\] has shape"):
         check_batch(bad, TrainConfig())
     with pytest.raises(InvalidInputError, match="positions / segment_ids"):
-        from llama32_jax.cache import KVCache
+        from llama32_jax.nn.cache import KVCache
 
         m = init_model(TEXT, param_dtype=jnp.float32)
         m(jnp.zeros((1, 3), jnp.int32), KVCache.init(TEXT, 1, 8), positions=jnp.zeros((1, 3), jnp.int32))

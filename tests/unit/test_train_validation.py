@@ -14,9 +14,9 @@ import pytest
 
 from llama32_jax import configs
 from llama32_jax.errors import InvalidInputError, TrainingError
-from llama32_jax.lora import add_lora, has_lora, lora_param_count, merge_lora
-from llama32_jax.model import init_model
-from llama32_jax.train import TrainConfig, Trainer, check_batch
+from llama32_jax.models.build import init_model
+from llama32_jax.training.lora import add_lora, has_lora, lora_param_count, merge_lora
+from llama32_jax.training.train import TrainConfig, Trainer, check_batch
 
 TEXT = configs.TINY_TEXT
 VISION = configs.TINY_VISION
@@ -215,7 +215,7 @@ def test_trainer_refuses_a_bad_batch_before_the_step():
         trainer.step(_set("inputs", (1, 3), V))
     assert trainer.steps_done == 0
     _assert_same(_snapshot(trainer), before)
-    with pytest.raises(InvalidInputError, match="cfg must be a llama32_jax.train.TrainConfig, got dict"):
+    with pytest.raises(InvalidInputError, match="cfg must be a llama32_jax.training.train.TrainConfig, got dict"):
         Trainer(init_model(TEXT, param_dtype=jnp.float32), {"mode": "lora"})
     with pytest.raises(InvalidInputError, match="model must be an nnx.Module"):
         Trainer("model", TrainConfig())

@@ -1,6 +1,6 @@
 """``cross_attention``: Mllama text queries over vision tokens with the per-image, per-tile mask.
 
-Semantics are exactly :func:`llama32_jax.attention.cross_attention` (the ``"xla"`` implementation, re-exported by
+Semantics are exactly :func:`llama32_jax.nn.attention.cross_attention` (the ``"xla"`` implementation, re-exported by
 ``reference.py``): text row ``t`` attends to every token of tile ``r`` of image ``i`` where ``tile_mask[b, t, i,
 r]``; vision K/V are laid out image-major, then tile, then token (``N_v = I * R * P``); a row that sees no tile
 (text before the first ``<|image|>``, padded images) returns exactly 0.

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.kernels import check_qkv, resolve_backend, resolve_impl, resolve_interpret
+from llama32_jax.kernels.decode_attention import pallas_gpu, pallas_tpu
 from llama32_jax.kernels.decode_attention.reference import decode_attention_reference
 
 # More new queries than this per step is a prefill: the grouped rows would not fit one program's registers / VMEM.
@@ -57,7 +58,7 @@ def decode_attention(
     num_splits: int | None = None,
 ) -> jax.Array:
     """Causal attention of ``T <= 64`` new queries over a KV cache; the semantics of
-    :func:`llama32_jax.attention.self_attention` with ``causal=True``.
+    :func:`llama32_jax.nn.attention.self_attention` with ``causal=True``.
 
     Args:
       q: ``[B, T, N, H]`` the new queries; query ``t`` sits in cache slot ``q_offset + t``.
@@ -90,10 +91,7 @@ def decode_attention(
         return _reference(q, k, v, q_offset=q_offset, kv_start=kv_start, kv_end=kv_end, causal=True, scale=scale)
     flavour = resolve_backend(backend)
     interpret = resolve_interpret(interpret, flavour)
-    if flavour == "gpu":
-        from llama32_jax.kernels.decode_attention import pallas_gpu as kernel
-    else:
-        from llama32_jax.kernels.decode_attention import pallas_tpu as kernel
+    kernel = pallas_gpu if flavour == "gpu" else pallas_tpu
     block_k, num_splits = kernel.plan(
         batch=b, kv_heads=kv_heads, rows=t * (n // kv_heads), seq_len=s, head_dim=h, dtype=q.dtype,
         block_k=block_k, num_splits=num_splits, interpret=interpret,
@@ -122,31 +120,13 @@ def _pallas(q, k, v, q_offset, kv_start, kv_end, *, flavour, interpret, scale, b
     # The union of every query's visible keys, [lo, hi): the kernels mask with it and skip blocks outside it.
     lo = jnp.clip(kv_start.astype(jnp.int32), 0, s)
     hi = jnp.clip(jnp.minimum(kv_end.astype(jnp.int32), q_offset + t), lo, s)
-    if flavour == "gpu":
-        from llama32_jax.kernels.decode_attention.pallas_gpu import decode_partials
-    else:
-        from llama32_jax.kernels.decode_attention.pallas_tpu import decode_partials
-    acc, m, l = decode_partials(
+    kernel = pallas_gpu if flavour == "gpu" else pallas_tpu
+    acc, m, l = kernel.decode_partials(
         rows, k, v, lo, hi, q_offset, groups=g, scale=scale, block_k=block_k, num_splits=num_splits,
         interpret=interpret,
     )  # fmt: skip
     out = combine_splits(acc, m, l)[:, :, : t * g]  # [B, K, R, H]; padded rows dropped
     return out.reshape(b, kv_heads, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h).astype(q.dtype)
-
-
-def split_blocks(lo, hi, split, *, block_k: int, num_splits: int):
-    """The key blocks ``[first, stop)`` that split ``split`` processes (empty when ``stop <= first``).
-
-    The blocks intersecting the key range ``[lo, hi)`` (``0 <= lo <= hi``) are cut into ``num_splits`` contiguous
-    runs of ``ceil(n_blocks / num_splits)`` blocks; the last runs may be short or empty. Pure integer arithmetic
-    on scalars, so the GPU kernel, the TPU kernel and the TPU index maps all call it on traced values.
-    """
-    div = jax.lax.div  # truncating = flooring here (everything is >= 0), and cheaper than `//` in the kernels
-    first_block = div(lo, block_k)
-    stop_block = div(hi + block_k - 1, block_k)
-    per = div(jnp.where(hi > lo, stop_block - first_block, 0) + num_splits - 1, num_splits)
-    first = first_block + split * per
-    return first, jnp.minimum(first + per, stop_block)
 
 
 def combine_splits(acc: jax.Array, m: jax.Array, l: jax.Array) -> jax.Array:

@@ -4,7 +4,7 @@ Grid ``(B, K, row blocks, splits)``. A program owns one kv head of one sequence,
 rows (``R = T * G`` rows, padded to a power of two >= 16 because Triton's dots need every dimension >= 16; at most
 64 rows per program) and one split. Its K/V BlockSpec covers that kv head's whole ``[S, H]`` cache; the program
 walks its split's key blocks with a ``fori_loop`` whose bounds come from the traced ranges
-(:func:`~llama32_jax.kernels.decode_attention.split_blocks`), so blocks outside ``[lo, hi)`` are never read. It
+(:func:`~llama32_jax.kernels.split_blocks`), so blocks outside ``[lo, hi)`` are never read. It
 writes its partial (fp32 accumulator, running max, running sum) for the merge in XLA.
 
 Ragged ``S``: ``block_k`` is a power of two; when it does not divide ``S``, the last block is read shifted back to
@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.kernels.decode_attention import split_blocks
+from llama32_jax.kernels import split_blocks
 
 DEFAULT_BLOCK_K = 128
 MIN_DIM = 16  # Triton's tl.dot needs M, N, K >= 16

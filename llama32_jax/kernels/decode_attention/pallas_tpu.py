@@ -3,7 +3,7 @@
 Grid ``(B, K, splits, steps)`` with ``steps = ceil(ceil(S / block_k) / splits)``, the last dimension walking one
 split's key blocks ("arbitrary"; the others "parallel", so megacore chips share them). The block-range ints
 (``lo``, ``hi`` per sequence, ``q_offset``) are scalar-prefetched into SMEM: the K/V index maps compute the split's
-block range (:func:`~llama32_jax.kernels.decode_attention.split_blocks`) and clamp the block index into it, so the
+block range (:func:`~llama32_jax.kernels.split_blocks`) and clamp the block index into it, so the
 steps past the split's last block (or of a split with nothing to do) re-name the block already in VMEM and the
 pipeline issues no DMA for them; ``pl.when`` skips their compute. Those steps still cost the grid's per-step
 overhead (a fraction of a microsecond each), which is why the default ``block_k`` is large (512, or 1024 once
@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.kernels.decode_attention import split_blocks
+from llama32_jax.kernels import split_blocks
 
 LANES = 128
 LONG_CACHE = 8192  # from this cache length on, 1024-key blocks halve the grid steps

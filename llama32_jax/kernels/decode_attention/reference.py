@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from llama32_jax.attention import self_attention as decode_attention_reference
+from llama32_jax.nn.attention import self_attention as decode_attention_reference
 
 __all__ = ["decode_attention_reference"]

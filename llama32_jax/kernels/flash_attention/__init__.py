@@ -1,6 +1,6 @@
 """``flash_attention``: prefill/training self-attention with a Pallas forward and a Pallas ``custom_vjp`` backward.
 
-Semantics are those of :func:`llama32_jax.attention.self_attention` (re-exported by :mod:`.reference` as the
+Semantics are those of :func:`llama32_jax.nn.attention.self_attention` (re-exported by :mod:`.reference` as the
 ``"xla"`` implementation): queries ``q [B, T, N, H]``, keys/values ``k, v [B, K, S, H]`` (the KV-cache layout,
 ``N % K == 0``, query head ``n`` uses kv head ``n // (N / K)``). Query ``t`` sits in cache slot ``q_offset + t``;
 key ``s`` is visible to query ``t`` of sequence ``b`` iff ``kv_start[b] <= s < kv_end[b]`` and, when causal,
@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.kernels import check_qkv, resolve_backend, resolve_impl, resolve_interpret
+from llama32_jax.kernels.flash_attention import pallas_gpu, pallas_tpu
 from llama32_jax.kernels.flash_attention.reference import flash_attention_reference
 
 __all__ = ["flash_attention", "flash_attention_reference"]
@@ -152,13 +153,7 @@ def _check_block(name: str, block, align: int, flavour: str):
 
 
 def _flavour(flavour: str):
-    if flavour == "gpu":
-        from llama32_jax.kernels.flash_attention import pallas_gpu
-
-        return pallas_gpu
-    from llama32_jax.kernels.flash_attention import pallas_tpu
-
-    return pallas_tpu
+    return pallas_gpu if flavour == "gpu" else pallas_tpu
 
 
 @dataclasses.dataclass(frozen=True)

@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from llama32_jax.attention import MASK_VALUE
+from llama32_jax.nn.attention import MASK_VALUE
 
 # Smallest block (Triton's minimum matmul tile) and the default (rows, keys) blocks of the forward and backward
 # kernels; the backward keeps more tiles live per program (k, v, dk, dv or q, do, dq), hence smaller blocks.

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from llama32_jax.attention import MASK_VALUE
+from llama32_jax.nn.attention import MASK_VALUE
 
 # Smallest block (a sublane tile) and the default (rows, keys) blocks of the forward and backward kernels.
 ALIGN = 8
