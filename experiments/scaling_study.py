@@ -18,8 +18,8 @@ largest plan asked for), with the parameters, caches and batch placed by the pla
   4-tile images' cross-attention K/V (computed once per image, outside the step) and the tile mask;
 - ``decode``: one step ``model(tokens [B, 1], cache, last_only=True)`` with a cache of ``T`` = seq_len slots, the
   new token in the last one (so it attends to all ``T``); the cache is donated, as in generation;
-- ``train``: one optimiser step of ``llama32_jax.training.train`` (``make_train_step``; ``--train_mode``, ``--remat``)
-  on ``{"inputs", "targets", "loss_mask"} [B, T]`` (vision models: text only, images 0); trainable parameters and
+- ``train``: one optimiser step of ``llama32_jax.training.train`` (``make_train_step``; ``--train_mode``,
+  ``--remat``) on ``{"inputs", "targets", "loss_mask"} [B, T]`` (vision models: text only, images 0); trainable parameters and
   optimiser state donated; the optimiser state sharded like the parameters it belongs to.
 
 Per row and per device: XLA's ``memory_analysis()`` (arguments, outputs, aliased, temporaries; ``total`` =
@@ -56,6 +56,10 @@ device's compute and bandwidth ceilings (achieved FLOP/s where timed, else XLA's
 itself, labelled so), and ``throughput_vs_devices.png`` (tokens/s, or on CPU per-device memory and compile time,
 against the device count, by plan). ``--max_seconds`` stops starting rows after that long (resume later).
 
+Modules: this one holds the flags, the sweep, running a row, the CSV and the JSON; ``scaling_steps`` the row key
+(:class:`Case`), the analytic FLOPs and the steps built, compiled and timed; ``scaling_plots`` the CSV read back and
+the plots.
+
 Tests run this script as a subprocess (tests/sharding/test_scaling_study.py): some flag names (``--dtype``,
 ``--seq_lens``, ``--max_seconds``, ...) are also bench_kernels', and absl takes one definition per process.
 """
@@ -69,11 +73,9 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -113,16 +115,22 @@ if "jax" not in sys.modules and "xla_force_host_platform_device_count" not in os
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
-from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from experiments import cli, memory_plan  # noqa: E402
 from experiments.results_io import PEAKS, RESULTS_DIR, machine, table_peaks  # noqa: E402
 from experiments.scaling_plots import PHASES, number, plot, read_rows  # noqa: E402
-from llama32_jax import configs, dims, sharding  # noqa: E402
-from llama32_jax.models.build import abstract_model  # noqa: E402
-from llama32_jax.nn.cache import KVCache  # noqa: E402
+from experiments.scaling_steps import (  # noqa: E402
+    FLOP_CONVENTION,
+    Case,
+    Skip,
+    analytic_flops,
+    at_depth,
+    build,
+    depth_units,
+    time_step,
+    xla_cost,
+)
+from llama32_jax import configs, sharding  # noqa: E402
 
 GB = memory_plan.GB
 _MODELS = flags.DEFINE_list(
@@ -161,17 +169,6 @@ COLUMNS = (
     *("cpu_upcast_gb", "peak_gb", "xla_flops", "xla_bytes", "xla_flops_fit", "xla_bytes_fit", "analytic_flops"),
     *("step_s", "tokens_per_s", "tflops_per_device", "mfu", "hbm_util", "peak_tflops", "bandwidth_tbs"),
 )
-FLOP_CONVENTION = (
-    "MaxText (calculate_tflops_training_per_device), all devices together. Per token and self-attention layer: "
-    "matmuls 2*(D*(N+2K)*H + N*H*D + 3*D*F), attention 4*N*H*S_visible (QK^T and PV) with S_visible the keys the "
-    "query sees, causal counting half: a T-token prefill or training sequence counts 4*N*H*T^2/2 per layer, a decode "
-    "step with a T-slot cache 4*N*H*T. Output head 2*D*V per row computed (prefill and decode: last row only; "
-    "training: all T). Vision models with images, per cross-attention block and token: 2*(2*D*N*H + 3*D*F) + "
-    "4*N*H*N_v, every vision token visible (the vision K/V are computed once per image, outside the step). Not "
-    "counted: embedding lookups, norms, RoPE, softmax. Training = 3x forward (mode=full; rematerialisation not "
-    "counted: MFU, not HFU) or 2x forward (mode=lora: no weight gradients of the frozen weights). "
-    "MFU = analytic_flops / step_s / (devices * peak_tflops)."
-)
 XLA_CONVENTION = (
     "xla_flops / xla_bytes: compiled.cost_analysis() 'flops' / 'bytes accessed' of ONE device's SPMD program, every "
     "loop body counted once (a scanned layer stack = one layer or group; attention over more than 1024 queries = "
@@ -193,280 +190,7 @@ def peaks(device_kind: str) -> tuple[float, float]:
     return found[1:] if found is not None else (_PEAK_TFLOPS.value, _BANDWIDTH.value)
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    model: str
-    plan: str
-    batch: int
-    seq_len: int
-    phase: str
-    dtype: str
-    layout: str
-    images: int
-    train_mode: str
-    remat: str
-
-
-class Skip(Exception):
-    """The row cannot run here; its message is recorded as the reason."""
-
-
-@dataclasses.dataclass
-class Step:
-    """One compiled step's ingredients: ``fn(*args)`` with abstract sharded ``args``, donated ``donate``;
-    ``params`` (for the f32-upcast scan), per-device bytes; ``feed(args, outputs) -> next args`` for timing."""
-
-    fn: Callable
-    args: tuple
-    donate: tuple[int, ...]
-    params: Any
-    weights: int
-    state: int
-    read: int
-    feed: Callable
-
-
-# ------------------------------------------------------------------------------------------------ analytic FLOPs
-
-
-def analytic_flops(config, phase: str, batch: int, seq_len: int, images: int, mode: str = "full") -> float:
-    """MaxText-convention FLOPs of one step, all devices (:data:`FLOP_CONVENTION`)."""
-    t = config.text
-    d, n, k, h, f = t.dim, t.n_heads, t.n_kv_heads, t.head_dim, t.ffn_dim
-    layer = 2 * (d * (n + 2 * k) * h + n * h * d + 3 * d * f)  # per token
-    queries = 1 if phase == "decode" else seq_len
-    visible = seq_len if phase == "decode" else seq_len / 2  # mean keys per query (causal: half)
-    per_seq = t.n_layers * (queries * layer + 4 * n * h * queries * visible)
-    per_seq += 2 * d * t.vocab_size * (seq_len if phase == "train" else 1)
-    if config.is_vision and images and phase != "train":
-        n_v = images * config.vision.max_num_tiles * config.vision.tokens_per_tile
-        per_seq += t.n_cross_attention_layers * queries * (2 * (2 * d * n * h + 3 * d * f) + 4 * n * h * n_v)
-    forward = batch * per_seq
-    return forward * ((2 if mode == "lora" else 3) if phase == "train" else 1)
-
-
-# ------------------------------------------------------------------------------------------------ building steps
-
-
-def _depth(config, units: int):
-    """``config`` unrolled with ``units`` layers (vision: groups of k self layers + 1 cross block)."""
-    t = config.text
-    if config.is_vision:
-        every = t.cross_attention_every
-        text = dataclasses.replace(t, n_layers=every * units, n_cross_attention_layers=units)
-    else:
-        text = dataclasses.replace(t, n_layers=units)
-    return config.replace(text=text, scan_layers=False)
-
-
-def _units(config) -> int:
-    return config.text.n_cross_attention_layers if config.is_vision else config.text.n_layers
-
-
-def _placed_model(model, placement):
-    for _, node in nnx.iter_graph(model):  # as shard_model: the model and its attention modules
-        if isinstance(node, nnx.Module) and hasattr(node, "placement"):
-            node.placement = placement
-    return model
-
-
-def _cache(config, batch: int, slots: int, dtype, placement) -> KVCache:
-    c = jax.eval_shape(lambda: KVCache.init(config, batch, slots, dtype=dtype))
-    axes = sharding.cache_axes(c.stacked)
-
-    def place(x, what):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement.sharding(axes, x.shape, what))
-
-    if c.stacked:
-        k, v = place(c.k, "KV cache k"), place(c.v, "KV cache v")
-    else:
-        k, v = (tuple(place(x, f"KV cache {n}[{i}]") for i, x in enumerate(xs)) for n, xs in (("k", c.k), ("v", c.v)))
-    start = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=placement.sharding((dims.BATCH,), (batch,), "start"))
-    index = jax.ShapeDtypeStruct((), jnp.int32, sharding=placement.replicated())
-    return KVCache(k=k, v=v, start=start, index=index)
-
-
-def _cross(config, batch: int, slots: int, images: int, dtype, placement):
-    """Abstract :class:`CrossInputs`: every cross block's K/V over ``images`` 4-tile images, and the tile mask."""
-    from llama32_jax.models.mllama import CrossInputs
-
-    t, v = config.text, config.vision
-    one = (batch, t.n_kv_heads, images * v.max_num_tiles * v.tokens_per_tile, t.head_dim)
-
-    def arr(shape, axes):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=placement.sharding(axes, shape, "cross K/V"))
-
-    if config.scan_layers:
-        stacked = (t.n_cross_attention_layers, *one)
-        kv = (
-            arr(stacked, (dims.LAYERS, *sharding.CROSS_KV_AXES)),
-            arr(stacked, (dims.LAYERS, *sharding.CROSS_KV_AXES)),
-        )
-    else:
-        kv = tuple(
-            (arr(one, sharding.CROSS_KV_AXES), arr(one, sharding.CROSS_KV_AXES))
-            for _ in range(t.n_cross_attention_layers)
-        )
-    mask_shape = (batch, slots, images, v.max_num_tiles)
-    mask = jax.ShapeDtypeStruct(
-        mask_shape, jnp.bool_, sharding=placement.sharding((dims.BATCH, None, None, None), mask_shape, "tile mask")
-    )
-    return CrossInputs(kv, mask, v.tokens_per_tile)
-
-
-def _bytes(tree) -> int:
-    return sum(memory_plan._shard_bytes(x) for x in jax.tree.leaves(tree))
-
-
-def _step_weight_bytes(config, params: dict) -> int:
-    """Per-device bytes of the weights a prefill/decode step multiplies by: not the vision tower, nor an untied
-    embedding table (only gathered)."""
-    skip = {"vision", "projector"} | ({"embed", "learnable_embedding"} if not config.text.tie_embeddings else set())
-    return sum(_bytes(v) for k, v in params.items() if k not in skip)
-
-
-def build_inference(config, case: Case, placement, dtype) -> Step:
-    """Prefill (``T`` tokens into an empty cache of ``T + --decode_slots``) or one decode step (``T``-slot cache)."""
-    model = _placed_model(abstract_model(config, param_dtype=dtype), placement)
-    graphdef, state = nnx.split(model)
-    params = memory_plan._abstract(
-        nnx.to_pure_dict(state), nnx.to_pure_dict(sharding.param_specs(model, placement.plan)), placement.mesh
-    )
-    length = 1 if case.phase == "decode" else case.seq_len
-    slots = case.seq_len if case.phase == "decode" else case.seq_len + _DECODE_SLOTS.value
-    cache = _cache(config, case.batch, slots, dtype, placement)
-    cross = _cross(config, case.batch, slots, case.images, dtype, placement) if case.images else None
-    shape = (case.batch, length)
-    tokens = jax.ShapeDtypeStruct(shape, jnp.int32, sharding=placement.sharding((dims.BATCH, None), shape, "tokens"))
-
-    def step(params, tokens, cache, cross):
-        kw = {} if cross is None else {"cross": cross}
-        return nnx.merge(graphdef, params)(tokens, cache, last_only=True, **kw)
-
-    index = case.seq_len - 1 if case.phase == "decode" else 0
-
-    def feed(args, out):  # the donated cache comes back; rewind it so every timed step does the same work
-        cache = dataclasses.replace(out[1], index=jax.device_put(jnp.int32(index), placement.replicated()))
-        return (args[0], args[1], cache, args[3])
-
-    state_bytes = _bytes((cache.k, cache.v)) + (_bytes(cross.kv) if cross is not None else 0)
-    weights = _step_weight_bytes(config, params)
-    args = (params, tokens, cache, cross)
-    return Step(step, args, (2,), params, _bytes(params), state_bytes, weights + state_bytes, feed)
-
-
-def _shard_like_params(tree, specs: dict, mesh):
-    """Abstract leaves with shardings: a leaf whose path ends with a parameter's path gets that parameter's spec
-    (the parameters themselves, and optimiser moments such as ``...mu.<param path>``); anything else (step
-    counters) is replicated."""
-
-    def leaf(path, x):
-        keys = tuple(getattr(p, "key", getattr(p, "idx", None)) for p in path)
-        keys = tuple(k for k in keys if k is not None)
-        spec = next((specs[keys[i:]] for i in range(len(keys)) if keys[i:] in specs), None)
-        if spec is None or len(spec) > len(x.shape):
-            spec = P()
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-
-    return jax.tree_util.tree_map_with_path(leaf, tree)
-
-
-def build_train(config, case: Case, placement, dtype) -> Step:
-    """One ``llama32_jax.training.train`` step on ``[B, T]`` inputs/targets/loss_mask (trainable + optimiser state
-    donated)."""
-    from llama32_jax.training.train import TrainConfig, make_optimizer, make_train_step, split_for_training
-
-    cfg = TrainConfig(mode=case.train_mode, remat=case.remat)
-    if cfg.mode == "lora":  # adapters added to the abstract model here (split_for_training would place real ones)
-        from llama32_jax.models.build import init_model
-        from llama32_jax.training.lora import add_lora
-
-        def with_lora():
-            model = init_model(config, param_dtype=dtype)
-            add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, seed=cfg.seed)
-            return model
-
-        model = _placed_model(nnx.eval_shape(with_lora), placement)
-    else:
-        model = _placed_model(abstract_model(config, param_dtype=dtype), placement)
-    specs = nnx.to_pure_dict(sharding.param_specs(model, placement.plan))  # adapters included
-    flat = {
-        tuple(p.key for p in path): spec
-        for path, spec in jax.tree_util.tree_leaves_with_path(specs, is_leaf=lambda x: isinstance(x, P))
-    }
-    graphdef, trainable, frozen = split_for_training(model, cfg)
-    tx = make_optimizer(cfg)
-    step = make_train_step(graphdef, tx, cfg)
-    trainable = _shard_like_params(trainable, flat, placement.mesh)
-    frozen = _shard_like_params(frozen, flat, placement.mesh)
-    opt_state = _shard_like_params(jax.eval_shape(tx.init, trainable), flat, placement.mesh)
-    shape = (case.batch, case.seq_len)
-    bs = placement.sharding((dims.BATCH, None), shape, "batch")
-    batch = {
-        "inputs": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bs),
-        "targets": jax.ShapeDtypeStruct(shape, jnp.int32, sharding=bs),
-        "loss_mask": jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bs),
-    }
-
-    def feed(args, out):
-        return (out[0], args[1], out[1], args[3])
-
-    weights = _bytes(trainable) + _bytes(frozen)
-    state = _bytes(opt_state)
-    params = (trainable, frozen)
-    return Step(step, (trainable, frozen, opt_state, batch), (0, 2), params, weights, state, weights + state, feed)
-
-
-def build(config, case: Case, placement, dtype) -> Step:
-    return (build_train if case.phase == "train" else build_inference)(config, case, placement, dtype)
-
-
 # ------------------------------------------------------------------------------------------------ running a row
-
-
-def _cost(compiled) -> tuple[float, float]:
-    ca = compiled.cost_analysis()
-    ca = ca[0] if isinstance(ca, list | tuple) else ca
-    return float(ca.get("flops", float("nan"))), float(ca.get("bytes accessed", float("nan")))
-
-
-def _materialise(tree, seed: int, vocab: int):
-    """Real arrays in the abstract leaves' shardings, made by one jitted call: floats ~ N(0, 0.02), bools True,
-    ``[B, T]`` ints random tokens below ``vocab``, other ints 0 (cache ``start``/``index``: the callers set them)."""
-    leaves, treedef = jax.tree.flatten(tree)
-
-    def make(key):
-        out = []
-        for k, x in zip(jax.random.split(key, len(leaves)), leaves, strict=True):
-            if jnp.issubdtype(x.dtype, jnp.floating):
-                out.append((0.02 * jax.random.normal(k, x.shape, jnp.float32)).astype(x.dtype))
-            elif x.dtype == jnp.bool_:
-                out.append(jnp.ones(x.shape, bool))
-            elif x.ndim == 2:
-                out.append(jax.random.randint(k, x.shape, 0, vocab, x.dtype))
-            else:
-                out.append(jnp.zeros(x.shape, x.dtype))
-        return out
-
-    arrays = jax.jit(make, out_shardings=[x.sharding for x in leaves])(jax.random.key(seed))
-    return jax.tree.unflatten(treedef, arrays)
-
-
-def _time(compiled, step: Step, vocab: int, repeats: int) -> float:
-    args = _materialise(step.args, 0, vocab)
-    if step.donate == (2,):  # inference: start from the row's own cache index
-        args = step.feed(args, (None, args[2]))
-    out = compiled(*args)
-    jax.block_until_ready(out)
-    times = []
-    for _ in range(repeats):
-        args = step.feed(args, out)
-        t0 = time.perf_counter()
-        out = compiled(*args)
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - t0)
-    del args, out
-    return statistics.median(times)
 
 
 def _host_budget() -> float:
@@ -511,7 +235,7 @@ def run_case(case: Case, platform_name: str, measure: bool, dtype) -> dict:
     placement = sharding.Placement(plan, sharding.make_mesh(plan, devices))
     kind = devices[0].device_kind
     row: dict[str, Any] = dict(devices=plan.size, mesh=json.dumps(plan.mesh_dict), device_kind=kind)
-    step = build(config, case, placement, dtype)
+    step = build(config, case, placement, dtype, _DECODE_SLOTS.value)
     t0 = time.perf_counter()
     lowered = jax.jit(step.fn, donate_argnums=step.donate).lower(*step.args)
     t1 = time.perf_counter()
@@ -527,7 +251,7 @@ def run_case(case: Case, platform_name: str, measure: bool, dtype) -> dict:
         cpu_upcast_gb=upcast / GB, peak_gb=(total - upcast) / GB,
     )  # fmt: skip
     row.update(_budget(plan, devices[0], row["peak_gb"]))
-    flops, nbytes = _cost(compiled)
+    flops, nbytes = xla_cost(compiled)
     row.update(xla_flops=flops, xla_bytes=nbytes)
     tokens = case.batch * (1 if case.phase == "decode" else case.seq_len)
     flops = analytic_flops(config, case.phase, case.batch, case.seq_len, case.images, case.train_mode)
@@ -536,10 +260,10 @@ def run_case(case: Case, platform_name: str, measure: bool, dtype) -> dict:
         t2 = time.perf_counter()
         costs = []
         for units in (1, 2):
-            small = build(_depth(config, units), case, placement, dtype)
-            costs.append(_cost(jax.jit(small.fn, donate_argnums=small.donate).lower(*small.args).compile()))
+            small = build(at_depth(config, units), case, placement, dtype, _DECODE_SLOTS.value)
+            costs.append(xla_cost(jax.jit(small.fn, donate_argnums=small.donate).lower(*small.args).compile()))
         (f1, b1), (f2, b2) = costs
-        n = _units(config)
+        n = depth_units(config)
         row.update(xla_flops_fit=f1 + (n - 1) * (f2 - f1), xla_bytes_fit=b1 + (n - 1) * (b2 - b1))
         row["fit_compile_s"] = round(time.perf_counter() - t2, 3)
     if measure:
@@ -547,7 +271,7 @@ def run_case(case: Case, platform_name: str, measure: bool, dtype) -> dict:
             row["reason"] = f"not timed: {total / GB * plan.size:.1f} GB over the devices > host budget"
         else:
             peak, bandwidth = peaks(kind)
-            step_s = _time(compiled, step, config.text.vocab_size, _REPEATS.value)
+            step_s = time_step(compiled, step, config.text.vocab_size, _REPEATS.value)
             row.update(step_s=step_s, tokens_per_s=tokens / step_s, peak_tflops=peak, bandwidth_tbs=bandwidth)
             row["tflops_per_device"] = row["analytic_flops"] / step_s / plan.size / 1e12
             row["mfu"] = row["tflops_per_device"] / peak

@@ -1,9 +1,9 @@
-"""Path arguments, output safety and damaged files for conversion, export and loading.
+"""Path arguments and output safety for conversion, export, loading and fine-tuning runs.
 
 Every path argument takes relative paths, ``~`` and symlinks; an output never overlaps its source (real paths
 compared, so ``..`` and symlinks are seen through); ``overwrite`` replaces only an empty directory or a complete
-earlier output of ours; a failed write (disk full, file too large, read-only ...) is a ``StorageError`` (CLI exit
-2) that leaves nothing behind; a damaged converted checkpoint is a short ``CheckpointError`` naming the file.
+earlier output of ours; a path of the wrong kind, missing or unreadable is a typed error naming it. (Failed
+writes, damaged checkpoints, bad CLI arguments and tokenizer files: test_failed_writes_and_bad_inputs.py.)
 """
 
 from __future__ import annotations
@@ -12,82 +12,29 @@ import errno
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 import llama32_jax as lj
-from llama32_jax.checkpoint import hf_export, orbax_ckpt, pipeline, safety
+from llama32_jax.checkpoint import orbax_ckpt, pipeline, safety
 from llama32_jax.checkpoint.hf_export import export_hf
 from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, read_manifest, restore_params
 from llama32_jax.checkpoint.safety import EXPORT_MARKER
-from llama32_jax.convert import main as cli_main
 from llama32_jax.errors import (
     CheckpointError,
     InvalidInputError,
     StorageError,
-    TokenizerError,
     UnsafePathError,
 )
+from tests.checkpoint.convert_paths import assert_refused, convert_cli, converted, hf_src  # noqa: F401  (fixtures)
 from tests.checkpoint.test_convert import TOL, _leftovers, hf_untied  # noqa: F401  (hf_untied: a fixture)
 from tests.checkpoint.test_meta_dir import PARAMS, _write
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def _cli(*args: str, cwd: Path = ROOT, fsize: int | None = None) -> subprocess.CompletedProcess:
-    """``python -m llama32_jax.convert`` in a subprocess; ``fsize``: RLIMIT_FSIZE in bytes (SIGXFSZ ignored, so a
-    write past it fails with EFBIG, as a full disk fails with ENOSPC)."""
-    limit = ""
-    if fsize is not None:
-        limit = (
-            "import resource, signal; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({fsize}, {fsize})); "
-        )
-    code = f"{limit}import runpy; runpy.run_module('llama32_jax.convert', run_name='__main__', alter_sys=True)"
-    return subprocess.run(
-        [sys.executable, "-c", code, "--no-progress", *args], cwd=cwd, env=_env(), capture_output=True, text=True
-    )
-
-
-def _refused(proc: subprocess.CompletedProcess, error: str, match: str) -> None:
-    assert proc.returncode == 2, proc.stderr
-    assert f"error: {error}: " in proc.stderr and match in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
 
 
 def _logits(path, tokens) -> np.ndarray:
     return np.asarray(lj.load(path, dtype="float32").logits(tokens))
-
-
-def _byte_tokenizer_json(path: Path) -> None:
-    from llama32_jax.training.base_models import byte_tokenizer
-
-    byte_tokenizer().backend.save(str(path))
-
-
-@pytest.fixture
-def hf_src(tmp_path, hf_untied):
-    """A copy of the tiny HF model with a tokenizer.json, in ``tmp_path / "src"``."""
-    src = shutil.copytree(hf_untied[0], tmp_path / "src")
-    _byte_tokenizer_json(src / "tokenizer.json")
-    return src
-
-
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory, hf_untied):
-    root = tmp_path_factory.mktemp("converted")
-    src = shutil.copytree(hf_untied[0], root / "src")
-    return lj.convert(src, root / "ckpt", dtype="float32", progress=False)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -108,8 +55,8 @@ def test_relative_paths_everywhere(tmp_path, monkeypatch, hf_src, hf_untied):
     assert export_hf(model, "hf", dtype="float32") == tmp_path / "hf"
     np.testing.assert_allclose(_logits("hf", tokens), expected, atol=TOL, rtol=0)
     # The CLI, run from tmp_path with relative --source / --output: to Orbax, then the converted one to HF.
-    assert _cli("--source", "src", "--output", "cli/orbax", "--dtype", "float32", cwd=tmp_path).returncode == 0
-    proc = _cli("--source", "cli/orbax", "--output", "cli/hf", "--to", "hf", "--dtype", "float32", cwd=tmp_path)
+    assert convert_cli("--source", "src", "--output", "cli/orbax", "--dtype", "float32", cwd=tmp_path).returncode == 0
+    proc = convert_cli("--source", "cli/orbax", "--output", "cli/hf", "--to", "hf", "--dtype", "float32", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "cli/hf" / EXPORT_MARKER).is_file()
     np.testing.assert_allclose(_logits(tmp_path / "cli/hf", tokens), expected, atol=TOL, rtol=0)
@@ -175,13 +122,13 @@ def test_relative_gguf_file(tmp_path, monkeypatch):
     np.testing.assert_array_equal(_logits("../link.gguf", tokens), expected)
     with pytest.raises(CheckpointError, match="GGUF files are loaded directly"):
         lj.convert("tiny.gguf", "out", progress=False)
-    proc = _cli("--source", "tiny.gguf", "--output", "../hf", "--to", "hf", "--dtype", "float32", cwd=Path.cwd())
+    proc = convert_cli("--source", "tiny.gguf", "--output", "../hf", "--to", "hf", "--dtype", "float32", cwd=Path.cwd())
     assert proc.returncode == 0, proc.stderr
     hf = tmp_path / "hf"
     assert (hf / "tokenizer.json").is_file() and (hf / EXPORT_MARKER).is_file()  # the GGUF's tokenizer, written
     np.testing.assert_allclose(_logits(hf, tokens), expected, atol=1e-5, rtol=0)
-    proc = _cli("--source", "tiny.gguf", "--output", "tiny.gguf", "--to", "hf", "--overwrite", cwd=Path.cwd())
-    _refused(proc, "UnsafePathError", "is the source")
+    proc = convert_cli("--source", "tiny.gguf", "--output", "tiny.gguf", "--to", "hf", "--overwrite", cwd=Path.cwd())
+    assert_refused(proc, "UnsafePathError", "is the source")
     assert (tmp_path / "models" / "tiny.gguf").is_file()
 
 
@@ -194,8 +141,8 @@ def test_the_issues_data_loss_scenario_is_refused(tmp_path, converted):
     parent.mkdir()
     shutil.copytree(converted, parent / "ok")
     (parent / "unrelated.txt").write_text("keep me")
-    proc = _cli("--source", str(parent / "ok"), "--output", str(parent), "--to", "hf", "--overwrite")
-    _refused(proc, "UnsafePathError", "contains the source")
+    proc = convert_cli("--source", str(parent / "ok"), "--output", str(parent), "--to", "hf", "--overwrite")
+    assert_refused(proc, "UnsafePathError", "contains the source")
     assert (parent / "unrelated.txt").read_text() == "keep me"
     assert (parent / "ok" / MANIFEST).is_file() and sorted(p.name for p in parent.iterdir()) == ["ok", "unrelated.txt"]
     restore_params(parent / "ok")  # intact
@@ -288,8 +235,8 @@ def test_overwrite_replaces_only_our_complete_outputs(tmp_path, monkeypatch, hf_
             export_hf(model, output, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "mine" and a_file.read_bytes() == b"data"
     assert (extra / "my-notes.txt").is_file() and (extra / MANIFEST).is_file() and (fake / MANIFEST).is_file()
-    proc = _cli("--source", str(hf_src), "--output", str(foreign), "--overwrite")
-    _refused(proc, "UnsafePathError", "not an output of llama32_jax")
+    proc = convert_cli("--source", str(hf_src), "--output", str(foreign), "--overwrite")
+    assert_refused(proc, "UnsafePathError", "not an output of llama32_jax")
     assert _leftovers(tmp_path) == []
 
 
@@ -345,210 +292,6 @@ def test_wrong_kind_missing_and_unreadable_paths(tmp_path, monkeypatch, hf_src, 
         lj.convert(converted.parent / "src", tmp_path / "locked" / "o", progress=False)
     assert info.value.errno == errno.EACCES
     assert not (tmp_path / "o").exists() and not (tmp_path / "locked" / "o").exists()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Disk full and other failed writes: StorageError, exit 2, nothing left behind
-
-
-def _nothing_left(parent: Path, name: str) -> None:
-    assert not (parent / name).exists()
-    assert [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")] == []
-
-
-def test_file_size_limit_during_convert_and_export(tmp_path, hf_src, converted):
-    """A real failing write: RLIMIT_FSIZE makes the kernel refuse writes past 64 KB with EFBIG."""
-    proc = _cli("--source", str(hf_src), "--output", str(tmp_path / "out"), fsize=64 * 1024)
-    _refused(proc, "StorageError", "File too large")
-    assert f"{tmp_path}" in proc.stderr and len(proc.stderr) < 1500
-    _nothing_left(tmp_path, "out")
-    proc = _cli("--source", str(converted), "--output", str(tmp_path / "hf"), "--to", "hf", fsize=64 * 1024)
-    _refused(proc, "StorageError", "[Errno 27] File too large")
-    _nothing_left(tmp_path, "hf")
-
-
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES])
-def test_os_errors_while_writing_become_storage_errors(tmp_path, monkeypatch, hf_src, converted, code):
-    def failing(path, *args, **kwargs):
-        raise OSError(code, os.strerror(code))
-
-    monkeypatch.setattr(pipeline, "write_manifest", failing)  # after the arrays and tokenizer were written
-    with pytest.raises(StorageError, match=rf"out'.*\[Errno {code}\] {os.strerror(code)}") as info:
-        lj.convert(hf_src, tmp_path / "out", progress=False)
-    assert info.value.errno == code
-    _nothing_left(tmp_path, "out")
-    monkeypatch.setattr(hf_export, "write_safetensors", failing)
-    with pytest.raises(StorageError, match=rf"hf'.*\[Errno {code}\]"):
-        export_hf(lj.load(converted), tmp_path / "hf")
-    _nothing_left(tmp_path, "hf")
-
-
-def test_disk_full_in_cli_is_exit_2(tmp_path, monkeypatch, capsys, hf_src):
-    real_copy = shutil.copy2
-
-    def copy_fails(src, dst, *a, **kw):
-        if Path(src).name == "tokenizer.json":
-            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
-        return real_copy(src, dst, *a, **kw)
-
-    monkeypatch.setattr(shutil, "copy2", copy_fails)
-    assert cli_main(["--source", str(hf_src), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: StorageError: ") and "No space left on device" in err
-    _nothing_left(tmp_path, "out")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Damaged converted checkpoints
-
-
-def _damaged(tmp_path: Path, converted: Path, how: str) -> Path:
-    ckpt = shutil.copytree(converted, tmp_path / "ckpt")
-    files = sorted((p for p in (ckpt / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-    biggest = files[-1]
-    if how == "truncated":
-        with open(biggest, "r+b") as f:
-            f.truncate(biggest.stat().st_size // 2)
-    elif how == "deleted":
-        biggest.unlink()
-    elif how == "manifest":
-        (ckpt / MANIFEST).write_text('{"format": "llama32_jax-orbax", "vers')
-    elif how == "no-params":
-        shutil.rmtree(ckpt / "params")
-    return ckpt
-
-
-@pytest.mark.parametrize(
-    "how, match",
-    [
-        ("truncated", r"is damaged: its parameter file 'params/.*' has \d+ bytes, expected \d+ \(truncated"),
-        ("deleted", r"is damaged: its parameter file 'params/.*' is missing"),
-        ("manifest", r"cannot read the manifest '.*llama32_jax\.json' \(damaged\?\)"),
-        ("no-params", r"has no params/ directory"),
-    ],
-)
-def test_damaged_checkpoint_is_a_short_checkpoint_error(tmp_path, converted, how, match):
-    ckpt = _damaged(tmp_path, converted, how)
-    for call in (restore_params, lj.load):
-        with pytest.raises(CheckpointError, match=match) as info:
-            call(ckpt)
-        assert str(ckpt) in str(info.value) and len(str(info.value)) < 600
-
-
-def test_damage_found_by_orbax_is_short_and_names_the_parameter(tmp_path, converted):
-    """A checkpoint whose manifest lists no file sizes (or damage the sizes cannot see): Orbax's error, cut short."""
-    ckpt = _damaged(tmp_path, converted, "truncated")
-    record = json.loads((ckpt / MANIFEST).read_text())
-    del record["files"]
-    (ckpt / MANIFEST).write_text(json.dumps(record))
-    with pytest.raises(CheckpointError, match=r"cannot read parameter '[\w.]+' from params/ \(truncated") as info:
-        lj.load(ckpt)
-    assert str(ckpt) in str(info.value) and len(str(info.value)) < 800
-    assert "TensorStore" not in str(info.value) and "'driver'" not in str(info.value)
-
-
-def test_manifest_fields_are_checked(tmp_path, converted):
-    ckpt = shutil.copytree(converted, tmp_path / "ckpt")
-    good = json.loads((ckpt / MANIFEST).read_text())
-    for field, value, match in [
-        ("dtype", "int4", "dtype must be one of"),
-        ("params", "../../etc", "'params' must name a sub-directory"),
-        ("files", ["x"], "'files' must map file names to sizes"),
-        ("config", {"text": 3}, "its config is invalid"),
-    ]:
-        (ckpt / MANIFEST).write_text(json.dumps({**good, field: value}))
-        with pytest.raises(CheckpointError, match=match):
-            read_manifest(ckpt)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command-line arguments
-
-
-@pytest.mark.parametrize(
-    "args, match",
-    [
-        (["--flush-mb", "inf"], "argument --flush-mb: must be a finite number of MB > 0, got 'inf'"),
-        (["--flush-mb", "nan"], "argument --flush-mb: must be a finite number of MB > 0"),
-        (["--flush-mb", "0"], "argument --flush-mb: must be a finite number of MB > 0, got '0'"),
-        (["--flush-mb", "-5"], "argument --flush-mb: must be a finite number of MB > 0"),
-        (["--flush-mb", "lots"], "argument --flush-mb: must be a number of MB, got 'lots'"),
-        (["--dtype", "int8"], "argument --dtype: invalid choice: 'int8'"),
-        (["--to", "zip"], "argument --to: invalid choice: 'zip'"),
-    ],
-)
-def test_bad_cli_arguments_exit_2(tmp_path, capsys, args, match):
-    with pytest.raises(SystemExit) as info:
-        cli_main(["--source", str(tmp_path), "--output", str(tmp_path / "o"), *args])
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert match in err and "Traceback" not in err
-    assert not (tmp_path / "o").exists()
-
-
-def test_missing_required_cli_arguments_exit_2(capsys):
-    for argv in (["--output", "o"], ["--source", "s"]):
-        with pytest.raises(SystemExit) as info:
-            cli_main(argv)
-        assert info.value.code == 2
-        assert "the following arguments are required" in capsys.readouterr().err
-
-
-def test_orbax_only_flags_with_to_hf_exit_2(tmp_path, capsys, converted):
-    code = cli_main(["--source", str(converted), "--output", str(tmp_path / "o"), "--to", "hf", "--flush-mb", "8"])
-    assert code == 2 and "--flush-mb/--compress apply to conversion to orbax" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-
-
-def test_flush_bytes_is_validated(tmp_path, hf_src):
-    for bad in (float("inf"), float("nan"), -1, "256", True):
-        with pytest.raises(InvalidInputError, match="flush_bytes must be"):
-            lj.convert(hf_src, tmp_path / "o", flush_bytes=bad, progress=False)
-    assert not (tmp_path / "o").exists()
-    with pytest.raises(InvalidInputError, match="overwrite must be True or False"):
-        lj.convert(hf_src, tmp_path / "o", overwrite="yes", progress=False)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tokenizer files are checked before they are copied
-
-
-def test_corrupt_tokenizer_json_is_refused_before_writing(tmp_path, hf_src):
-    (hf_src / "tokenizer.json").write_text('{"version": "1.0", "model": ')
-    with pytest.raises(TokenizerError, match=r"src/tokenizer\.json"):
-        lj.convert(hf_src, tmp_path / "out", progress=False)
-    _nothing_left(tmp_path, "out")
-    proc = _cli("--source", str(hf_src), "--output", str(tmp_path / "out"))
-    _refused(proc, "TokenizerError", "tokenizer.json")
-    _nothing_left(tmp_path, "out")
-
-
-def test_bad_tokenizer_config_and_meta_tokenizer_model_are_refused(tmp_path, hf_src):
-    (hf_src / "tokenizer_config.json").write_text("[1, 2]")
-    with pytest.raises(TokenizerError, match=r"tokenizer_config\.json must hold a JSON object"):
-        lj.convert(hf_src, tmp_path / "out", progress=False)
-    from tests.refs import meta_transformer
-
-    meta = tmp_path / "meta"
-
-    ref = meta_transformer(PARAMS, max_seq_len=16, max_batch_size=1, seed=6)
-    _write(meta, {k: v.detach().clone() for k, v in ref.state_dict().items()}, 1)
-    (meta / "tokenizer.model").write_text("this is not base64 rank\n")
-    with pytest.raises(TokenizerError, match=r"meta/tokenizer\.model"):
-        lj.convert(meta, tmp_path / "out", progress=False)
-    _nothing_left(tmp_path, "out")
-
-
-def test_unreadable_tokenizer_is_a_tokenizer_error(tmp_path, monkeypatch, hf_src):
-    import llama32_jax.inputs.tokenizer as tok_module
-
-    def unreadable(path):
-        raise PermissionError(errno.EACCES, "Permission denied", str(Path(path) / "tokenizer.json"))
-
-    monkeypatch.setattr(tok_module, "load_tokenizer", unreadable)
-    with pytest.raises(TokenizerError, match=r"cannot load the source's tokenizer '.*tokenizer\.json'.*Permission"):
-        lj.convert(hf_src, tmp_path / "out", progress=False)
-    _nothing_left(tmp_path, "out")
 
 
 # --------------------------------------------------------------------------------------------------------------
