@@ -19,8 +19,8 @@ largest plan asked for), with the parameters, caches and batch placed by the pla
 - ``decode``: one step ``model(tokens [B, 1], cache, last_only=True)`` with a cache of ``T`` = seq_len slots, the
   new token in the last one (so it attends to all ``T``); the cache is donated, as in generation;
 - ``train``: one optimiser step of ``llama32_jax.training.train`` (``make_train_step``; ``--train_mode``,
-  ``--remat``) on ``{"inputs", "targets", "loss_mask"} [B, T]`` (vision models: text only, images 0); trainable parameters and
-  optimiser state donated; the optimiser state sharded like the parameters it belongs to.
+  ``--remat``) on ``{"inputs", "targets", "loss_mask"} [B, T]`` (vision models: text only, images 0); trainable
+  parameters and optimiser state donated; the optimiser state sharded like the parameters it belongs to.
 
 Per row and per device: XLA's ``memory_analysis()`` (arguments, outputs, aliased, temporaries; ``total`` =
 arguments + outputs - aliased + temporaries, because XLA:CPU's ``peak_memory_in_bytes`` leaves the temporaries
