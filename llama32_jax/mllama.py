@@ -31,13 +31,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama32_jax import dims
-from llama32_jax.cache import KVCache
+from llama32_jax.cache import KVCache, LayerCache
 from llama32_jax.configs import ModelConfig
 from llama32_jax.cross_attention import CrossAttentionBlock, VisionKV
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.layers import Embed, RMSNorm, make_param
-from llama32_jax.sharding import constrain_activation, constrain_cache, constrain_cross
-from llama32_jax.text import DecoderBlock, call_block, run_unrolled, token_positions
+from llama32_jax.sharding import constrain_activation, constrain_cross
+from llama32_jax.text import (
+    DecoderBlock,
+    StepInputs,
+    call_block,
+    decoder_output,
+    head_logits,
+    run_unrolled,
+    token_positions,
+)
 
 
 @jax.tree_util.register_dataclass
@@ -100,8 +108,9 @@ class MllamaText(nnx.Module):
         cross: CrossInputs | None = None,
         last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        index, positions, cos, sin, span = token_positions(self.config, tokens, cache)
+        step = token_positions(self.config, tokens, cache)
         b, length = tokens.shape
+        positions = step.positions
 
         cross_args = None
         if cross is not None:
@@ -112,19 +121,13 @@ class MllamaText(nnx.Module):
 
         h = constrain_activation(self.placement, self.embed_tokens(tokens))
         if self.config.scan_layers:
-            h, new_k, new_v = self._run_groups(h, cos, sin, span, cache, index, cross_args)
+            h, new_kv = self._run_groups(h, step, cache, cross_args)
         else:
-            h, new_k, new_v = self._run_unrolled(h, cos, sin, span, cache, index, cross_args)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
-        logits = jnp.einsum("btd,vd->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
-        if cache is None:
-            return logits, None
-        new_cache = dataclasses.replace(cache, k=new_k, v=new_v, index=index + length)
-        return logits, constrain_cache(self.placement, new_cache)
+            h, new_kv = self._run_unrolled(h, step, cache, cross_args)
+        head = lambda h: head_logits(h, self.lm_head)  # noqa: E731
+        return decoder_output(self, head, h, cache, new_kv, step.index + length, last_only=last_only)
 
-    def _run_unrolled(self, h, cos, sin, span, cache, index, cross_args):
+    def _run_unrolled(self, h, step: StepInputs, cache, cross_args):
         schedule = self.config.text.meta_fusion_schedule
 
         def cross_block(i, h):  # cross-attention block j runs right before self-attention layer schedule[j]
@@ -135,9 +138,9 @@ class MllamaText(nnx.Module):
             h = call_block(self.cross_layers[j], self.remat, h, kv[j], tiles, row_mask)
             return constrain_activation(self.placement, h)
 
-        return run_unrolled(self.layers, h, cos, sin, span, cache, index, self.placement, cross_block, remat=self.remat)
+        return run_unrolled(self.layers, h, step, cache, self.placement, cross_block, remat=self.remat)
 
-    def _run_groups(self, h, cos, sin, span, cache, index, cross_args):
+    def _run_groups(self, h, step: StepInputs, cache, cross_args):
         """``lax.scan`` over the ``C`` groups ``[self x (k-1), cross, self]`` (stacked parameters; the stacked
         cache is carried and updated in place, as in :func:`llama32_jax.text.scan_with_cache`)."""
         t = self.config.text
@@ -159,16 +162,16 @@ class MllamaText(nnx.Module):
                 layer = x["group"] * k + i
                 pick = lambda a, layer=layer: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
                 block = nnx.merge(self_def, jax.tree.map(pick, self_state))
-                kv = None if k_all is None else (k_all, v_all, layer)
-                h, new_kv = call_block(block, self.remat, h, cos, sin, span, kv, index)
+                kv = None if k_all is None else LayerCache(k_all, v_all, layer)
+                h, kv = call_block(block, self.remat, h, step, kv)
                 h = constrain_activation(self.placement, h)
-                if k_all is not None:
-                    k_all, v_all = new_kv
+                if kv is not None:
+                    k_all, v_all = kv.k, kv.v
             return (h, k_all, v_all), None
 
         carry = (h, None, None) if cache is None else (h, cache.k, cache.v)
         (h, k_all, v_all), _ = jax.lax.scan(body, carry, xs)
-        return h, k_all, v_all
+        return h, None if cache is None else (k_all, v_all)
 
 
 class Mllama(MllamaText):
