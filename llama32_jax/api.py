@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from llama32_jax.checkpoint.orbax_ckpt import is_converted_checkpoint
-from llama32_jax.configs import ModelConfig
+from llama32_jax.configs import ATTENTION_IMPLS, DTYPES, ModelConfig
 from llama32_jax.distributed import to_host
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.generate import GenerationOutput, generate_tokens, stops_per_sequence
@@ -28,8 +28,6 @@ from llama32_jax.inputs import (
 from llama32_jax.model import forward, load_params
 from llama32_jax.text_stream import TextStreamer
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
 IMAGE_MARKER = "<|image|>"  # in a text prompt given with images: where each image goes
 
 

@@ -24,8 +24,8 @@ import threading
 import time
 import types
 
-from llama32_jax.checkpoint.pipeline import DTYPES
 from llama32_jax.checkpoint.pipeline import convert as convert
+from llama32_jax.configs import DTYPES
 from llama32_jax.errors import LlamaJaxError
 
 DEFAULT_FLUSH_MB = 256.0

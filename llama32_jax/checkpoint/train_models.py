@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from llama32_jax.configs import DTYPES
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.train import Trainer
 
@@ -69,7 +70,7 @@ def load_base_model(spec: str, *, dtype: str = "float32", mesh: Any = None, scan
     """The base model of a run as an ``llama32_jax.Model``: :func:`llama32_jax.load` of a path, or a built-in
     (:data:`BUILTIN_MODELS`; ``"tiny-text"``: ``configs.TINY_TEXT`` with random weights, seed 0, and
     :func:`byte_tokenizer`). ``mesh``: a sharding plan or mesh, as for ``load``."""
-    from llama32_jax.api import DTYPES, Model, load
+    from llama32_jax.api import Model, load
 
     if spec not in BUILTIN_MODELS:
         return load(spec, mesh=mesh, dtype=dtype, scan_layers=scan_layers)
@@ -163,8 +164,8 @@ def export_model(
     from llama32_jax.checkpoint.pipeline import atomic_directory, check_output
     from llama32_jax.lora import has_lora, merge_lora
 
-    if dtype not in ("bfloat16", "float32", "float16"):
-        raise InvalidInputError(f"dtype must be one of ('bfloat16', 'float32', 'float16'), got {dtype!r}")
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     out = check_output(output, overwrite=overwrite, source=_source_path(model))
     # copy=True: nnx.merge would otherwise share Variables with the trainer, and merging would change its state.
     module = nnx.merge(trainer.graphdef, trainer.trainable, trainer.frozen, copy=True)
