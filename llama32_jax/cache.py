@@ -8,7 +8,8 @@ never changes a result. Keys and values keep ``K`` kv heads (grouped-query atten
 ``k``/``v`` are one stacked ``[L, B, K, S, H]`` array each in the scanned layout, or a tuple of ``L`` arrays
 ``[B, K, S, H]`` in the unrolled layout (per-layer buffers avoid slice copies on XLA:CPU). Slots are the
 second-to-last axis so that each kv head's ``[S, H]`` block is contiguous: the attention contractions then read
-the cache in place instead of transposing a copy of it every step.
+the cache in place instead of transposing a copy of it every step. A self-attention layer sees the cache through
+a :class:`LayerCache` (:meth:`KVCache.layer`; inside a layer scan, built on the carried stacked buffers).
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ padding and decoding need nothing else.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +59,15 @@ class CrossInputs:
     kv: tuple[VisionKV, ...] | VisionKV
     tile_mask: jax.Array
     tokens_per_tile: int = dataclasses.field(metadata=dict(static=True))
+
+
+class CrossStep(NamedTuple):
+    """One call's cross-attention inputs: every block's vision K/V (as in :class:`CrossInputs`), the tokens' rows
+    of the tile mask ``tiles [B, T, I, R]``, and ``row_mask [B, T]`` (the tokens that see any tile)."""
+
+    kv: tuple[VisionKV, ...] | VisionKV
+    tiles: jax.Array
+    row_mask: jax.Array
 
 
 class MllamaText(nnx.Module):
@@ -117,7 +127,7 @@ class MllamaText(nnx.Module):
             rows = jnp.clip(positions, 0, cross.tile_mask.shape[1] - 1)  # left padding: any row (never read)
             tiles = jnp.take_along_axis(cross.tile_mask, rows[:, :, None, None], axis=1)  # [B, T, I, R]
             row_mask = tiles.reshape(b, length, -1).any(axis=-1) & (positions >= 0)
-            cross_args = (cross.kv, tiles, row_mask)
+            cross_args = CrossStep(cross.kv, tiles, row_mask)
 
         h = constrain_activation(self.placement, self.embed_tokens(tokens))
         if self.config.scan_layers:
@@ -127,20 +137,19 @@ class MllamaText(nnx.Module):
         head = lambda h: head_logits(h, self.lm_head)  # noqa: E731
         return decoder_output(self, head, h, cache, new_kv, step.index + length, last_only=last_only)
 
-    def _run_unrolled(self, h, step: StepInputs, cache, cross_args):
+    def _run_unrolled(self, h, step: StepInputs, cache, cross_args: CrossStep | None):
         schedule = self.config.text.meta_fusion_schedule
 
         def cross_block(i, h):  # cross-attention block j runs right before self-attention layer schedule[j]
             if cross_args is None or i not in schedule:
                 return h
-            kv, tiles, row_mask = cross_args
             j = schedule.index(i)
-            h = call_block(self.cross_layers[j], self.remat, h, kv[j], tiles, row_mask)
+            h = call_block(self.cross_layers[j], self.remat, h, cross_args.kv[j], cross_args.tiles, cross_args.row_mask)
             return constrain_activation(self.placement, h)
 
         return run_unrolled(self.layers, h, step, cache, self.placement, cross_block, remat=self.remat)
 
-    def _run_groups(self, h, step: StepInputs, cache, cross_args):
+    def _run_groups(self, h, step: StepInputs, cache, cross_args: CrossStep | None):
         """``lax.scan`` over the ``C`` groups ``[self x (k-1), cross, self]`` (stacked parameters; the stacked
         cache is carried and updated in place, as in :func:`llama32_jax.text.scan_with_cache`)."""
         t = self.config.text
@@ -149,7 +158,7 @@ class MllamaText(nnx.Module):
         cross_def, cross_state = nnx.split(self.cross_layers)
         # Self layers are picked from the stacked [L, ...] weights by index: reshaping them to [C, k, ...] as scan
         # inputs made XLA copy every weight (+22 GB per device for 90B-Vision over 8 devices).
-        xs = {"cross": None if cross_args is None else (cross_state, cross_args[0]), "group": jnp.arange(groups)}
+        xs = {"cross": None if cross_args is None else (cross_state, cross_args.kv), "group": jnp.arange(groups)}
 
         def body(carry, x):
             h, k_all, v_all = carry
@@ -157,7 +166,7 @@ class MllamaText(nnx.Module):
                 if i == k - 1 and x["cross"] is not None:
                     block_state, vision_kv = x["cross"]
                     cross_block = nnx.merge(cross_def, block_state)
-                    h = call_block(cross_block, self.remat, h, vision_kv, cross_args[1], cross_args[2])
+                    h = call_block(cross_block, self.remat, h, vision_kv, cross_args.tiles, cross_args.row_mask)
                     h = constrain_activation(self.placement, h)
                 layer = x["group"] * k + i
                 pick = lambda a, layer=layer: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
