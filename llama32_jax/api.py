@@ -16,7 +16,7 @@ from llama32_jax.checkpoint.gguf import read_gguf
 from llama32_jax.checkpoint.hf import read_hf_params
 from llama32_jax.checkpoint.meta import read_meta_params
 from llama32_jax.checkpoint.orbax_ckpt import is_converted_checkpoint, read_manifest, restore_params
-from llama32_jax.configs.base import ModelConfig
+from llama32_jax.configs.base import ATTENTION_IMPLS, DTYPES, ModelConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.inference import guard
 from llama32_jax.inference.generate import (
@@ -45,8 +45,6 @@ from llama32_jax.nn.attend import set_attention_impl
 from llama32_jax.sharding.apply import restore_shardings, shard_model, validate
 from llama32_jax.sharding.distributed import to_host
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-ATTENTION_IMPLS = ("auto", "xla", "pallas")
 IMAGE_MARKER = "<|image|>"  # in a text prompt given with images: where each image goes
 
 

@@ -26,9 +26,10 @@ import types
 
 from llama32_jax.api import load
 from llama32_jax.checkpoint.hf_export import export_hf
-from llama32_jax.checkpoint.pipeline import DTYPES, check_output
+from llama32_jax.checkpoint.pipeline import check_output
 from llama32_jax.checkpoint.pipeline import convert as convert
 from llama32_jax.checkpoint.safety import check_source_dir
+from llama32_jax.configs.base import DTYPES
 from llama32_jax.errors import LlamaJaxError
 
 DEFAULT_FLUSH_MB = 256.0

@@ -1,27 +1,32 @@
-"""The dimension-letter table used in every einsum string, and the logical axis names.
+"""The dimension letters of every einsum string and shape comment, and the logical axis names.
 
-Einsum strings in this package spell shapes with these letters, so that ``"btd,dnh->btnh"`` reads as
-"activations [batch, query length, model width] times Wq [model width, query heads, head dim]".
+Einsum strings give each operand axis one lower-case letter, always with the meaning below, so that
+``"btd,ed->bte"`` reads as "activations [batch, query length, model width] times Wq flattened to [heads x head dim,
+model width]" (weights keep torch's ``(out, in)`` orientation: :class:`llama32_jax.nn.layers.Einsum`).
 
-==========  =================================================================
-letter      meaning
-==========  =================================================================
-B           batch
-T           query length (tokens processed in this call)
-S           key length (cache slots, or T when there is no cache)
-D           model width (``dim`` / ``hidden_size``)
-N           query heads
-K           key/value heads
-G           query heads per key/value head (N / K, grouped-query attention)
-H           head dim
-F           FFN width (``intermediate_size``)
-V           vocabulary
-L           layers (stacked-parameter axis)
-I           images per sample (vision)
-R           tiles per image (vision)
-P           tokens per tile (vision: 1601 = 40 x 40 patches + CLS)
-W           vision width (1280)
-==========  =================================================================
+======  ==================================================  ===================================================
+letter  meaning                                             einsums that use it
+======  ==================================================  ===================================================
+b       batch                                               every decoder einsum
+t       query length (tokens processed in this call)        every decoder einsum
+s       key length (cache slots, or T without a cache)      ``btkgh,bksh->bkgts``, ``bkgts,bksh->bkgth``
+d       model width (``dim`` / ``hidden_size``)             projections, ``btd,vd->btv``
+e       heads x head dim, flattened (N*H or K*H)            ``btd,ed->bte`` (Wq, Wk, Wv), ``bte,de->btd`` (Wo)
+k       key/value heads                                     the two attention einsums
+g       query heads per key/value head (N / K, GQA)         the two attention einsums
+h       head dim                                            the two attention einsums
+f       FFN width (``intermediate_size``)                   ``btd,fd->btf`` (w1, w3), ``btf,df->btd`` (w2)
+v       vocabulary                                          ``btd,vd->btv`` (the output head)
+w       vision width (1280)                                 ``...c,wc->...w`` (patch embedding)
+c       unfolded patch features (channels x patch x patch)  ``...c,wc->...w``
+i, o    a generic layer's input and output features         ``...i,oi->...o`` (vision Linear), LoRA
+r       LoRA rank                                           ``...i,ri->...r``, ``...r,or->...o``, ``...or,...ri->...oi``
+======  ==================================================  ===================================================
+
+Shape comments and docstrings (``[B, T, N, H]``) use the upper-case letters with the same meanings for ``B T S D K
+G H F V W``, and these axes that no einsum spells: ``N`` query heads (projections produce ``[B, T, N, H]`` by
+reshaping ``e``), ``L`` layers and ``C`` cross-attention blocks (stacked-parameter axes), ``I`` images per sample,
+``R`` tiles per image, ``P`` tokens per tile (1601 = 40 x 40 patches + CLS), ``N_v = I*R*P`` vision tokens.
 
 Logical axis names are attached to every parameter (``nnx.Param(..., axes=(...))``) and to the caches; a
 sharding plan maps them onto mesh axes (see ``llama32_jax.sharding``).

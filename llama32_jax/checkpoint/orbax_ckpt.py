@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from llama32_jax.checkpoint.safety import MANIFEST, ORBAX_FORMAT, os_errno, short, storage_error, user_path
-from llama32_jax.configs.base import ModelConfig
+from llama32_jax.configs.base import DTYPES, ModelConfig
 from llama32_jax.configs.readers import config_from_dict, config_to_dict
 from llama32_jax.errors import CheckpointError, ConfigError, LlamaJaxError
 from llama32_jax.models.build import abstract_model
@@ -40,7 +40,6 @@ from llama32_jax.nn.layers import flatten_tree
 PARAMS_DIR = "params"
 FORMAT = ORBAX_FORMAT
 FORMAT_VERSION = 1
-DTYPES = ("bfloat16", "float32", "float16")
 
 
 def _orbax_v1():
@@ -204,7 +203,7 @@ def read_manifest(directory: str | os.PathLike) -> tuple[dict, ModelConfig]:
             f"{FORMAT_VERSION} (reconvert the source checkpoint)"
         )
     if record.get("dtype") not in DTYPES:
-        raise CheckpointError(f"{str(path)!r}: dtype must be one of {DTYPES}, got {record.get('dtype')!r}")
+        raise CheckpointError(f"{str(path)!r}: dtype must be one of {tuple(DTYPES)}, got {record.get('dtype')!r}")
     sub = record.get("params", PARAMS_DIR)
     if not isinstance(sub, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", sub) or sub in (".", ".."):
         raise CheckpointError(f"{str(path)!r}: 'params' must name a sub-directory, got {sub!r}")

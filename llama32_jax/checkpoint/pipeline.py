@@ -38,13 +38,12 @@ from llama32_jax.checkpoint.meta import MetaShards, read_params_json
 from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, PARAMS_DIR, ParamWriter, write_manifest
 from llama32_jax.checkpoint.safety import as_write_error, check_source_dir, ours, short, storage_error
 from llama32_jax.checkpoint.safety import check_output as _check_output
-from llama32_jax.configs.base import ModelConfig
+from llama32_jax.configs.base import DTYPES, ModelConfig
 from llama32_jax.configs.hf import from_hf_config
 from llama32_jax.configs.readers import from_params_json
 from llama32_jax.errors import CheckpointError, InvalidInputError, TokenizerError, UnsafePathError
 from llama32_jax.inputs import tokenizer as tokenizers
 
-DTYPES = ("bfloat16", "float32", "float16")
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -351,7 +350,7 @@ def convert(
     from tqdm.auto import tqdm
 
     if dtype not in DTYPES:
-        raise InvalidInputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        raise InvalidInputError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     flush_bytes = check_flush_bytes(flush_bytes)
     np_dtype = np.dtype(dtype)
     src = open_source(source, rope_factor=rope_factor, tie_embeddings=tie_embeddings, config=config)

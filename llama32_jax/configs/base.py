@@ -17,10 +17,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import jax.numpy as jnp
+
 from llama32_jax.errors import ConfigError
 
 __all__ = [
+    "ATTENTION_IMPLS",
     "CONFIGS",
+    "DTYPES",
     "LLAMA_3_2_1B",
     "LLAMA_3_2_1B_INSTRUCT",
     "LLAMA_3_2_3B",
@@ -40,6 +44,12 @@ __all__ = [
     "get_config",
     "llama3_ffn_dim",
 ]
+
+# The runtime choices a model is loaded with (``llama32_jax.load``), named once for the whole package.
+# Parameter dtypes by name: loading, converting (``--dtype``), Orbax manifests, exporting.
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+# Attention implementations: "auto" = Pallas kernels on GPU/TPU, XLA elsewhere (llama32_jax.kernels.resolve_impl).
+ATTENTION_IMPLS = ("auto", "xla", "pallas")
 
 # Image-token embedding rows Meta allocates (``learnable_embedding``: max(model-parallel size, 8) = 8 rows).
 NUM_IMAGE_EMBEDDINGS = 8

@@ -31,9 +31,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama32_jax.configs.base import ATTENTION_IMPLS
 from llama32_jax.errors import InvalidInputError
 
-IMPLS = ("auto", "xla", "pallas")
 BACKENDS = ("gpu", "tpu")
 
 
@@ -45,8 +45,8 @@ def platform() -> str:
 
 def resolve_impl(impl: str) -> str:
     """``"auto"`` -> ``"pallas"`` on GPU/TPU, ``"xla"`` elsewhere; ``"xla"`` / ``"pallas"`` unchanged."""
-    if impl not in IMPLS:
-        raise InvalidInputError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl not in ATTENTION_IMPLS:
+        raise InvalidInputError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
         return "pallas" if platform() in BACKENDS else "xla"
     return impl

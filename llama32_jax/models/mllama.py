@@ -25,6 +25,7 @@ so left padding and decoding need nothing else.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,11 +35,19 @@ from llama32_jax import dims
 from llama32_jax.configs.base import ModelConfig
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.models.cross_attention import CrossAttentionBlock, VisionKV
-from llama32_jax.models.text import DecoderBlock, call_block, run_unrolled, token_positions
+from llama32_jax.models.text import (
+    DecoderBlock,
+    StepInputs,
+    call_block,
+    decoder_output,
+    head_logits,
+    run_unrolled,
+    token_positions,
+)
 from llama32_jax.models.vision import VisionTower
-from llama32_jax.nn.cache import KVCache
+from llama32_jax.nn.cache import KVCache, LayerCache
 from llama32_jax.nn.layers import Embed, RMSNorm, make_param
-from llama32_jax.sharding.placement import constrain_activation, constrain_cache, constrain_cross
+from llama32_jax.sharding.placement import constrain_activation, constrain_cross
 
 
 @jax.tree_util.register_dataclass
@@ -51,6 +60,15 @@ class CrossInputs:
     kv: tuple[VisionKV, ...] | VisionKV
     tile_mask: jax.Array
     tokens_per_tile: int = dataclasses.field(metadata=dict(static=True))
+
+
+class CrossStep(NamedTuple):
+    """One call's cross-attention inputs: every block's vision K/V (as in :class:`CrossInputs`), the tokens' rows
+    of the tile mask ``tiles [B, T, I, R]``, and ``row_mask [B, T]`` (the tokens that see any tile)."""
+
+    kv: tuple[VisionKV, ...] | VisionKV
+    tiles: jax.Array
+    row_mask: jax.Array
 
 
 class MllamaText(nnx.Module):
@@ -101,44 +119,38 @@ class MllamaText(nnx.Module):
         cross: CrossInputs | None = None,
         last_only: bool = False,
     ) -> tuple[jax.Array, KVCache | None]:
-        index, positions, cos, sin, span = token_positions(self.config, tokens, cache)
+        step = token_positions(self.config, tokens, cache)
         b, length = tokens.shape
+        positions = step.positions
 
         cross_args = None
         if cross is not None:
             rows = jnp.clip(positions, 0, cross.tile_mask.shape[1] - 1)  # left padding: any row (never read)
             tiles = jnp.take_along_axis(cross.tile_mask, rows[:, :, None, None], axis=1)  # [B, T, I, R]
             row_mask = tiles.reshape(b, length, -1).any(axis=-1) & (positions >= 0)
-            cross_args = (cross.kv, tiles, row_mask)
+            cross_args = CrossStep(cross.kv, tiles, row_mask)
 
         h = constrain_activation(self.placement, self.embed_tokens(tokens))
         if self.config.scan_layers:
-            h, new_k, new_v = self._run_groups(h, cos, sin, span, cache, index, cross_args)
+            h, new_kv = self._run_groups(h, step, cache, cross_args)
         else:
-            h, new_k, new_v = self._run_unrolled(h, cos, sin, span, cache, index, cross_args)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
-        logits = jnp.einsum("btd,vd->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
-        if cache is None:
-            return logits, None
-        new_cache = dataclasses.replace(cache, k=new_k, v=new_v, index=index + length)
-        return logits, constrain_cache(self.placement, new_cache)
+            h, new_kv = self._run_unrolled(h, step, cache, cross_args)
+        head = lambda h: head_logits(h, self.lm_head)  # noqa: E731
+        return decoder_output(self, head, h, cache, new_kv, step.index + length, last_only=last_only)
 
-    def _run_unrolled(self, h, cos, sin, span, cache, index, cross_args):
+    def _run_unrolled(self, h, step: StepInputs, cache, cross_args: CrossStep | None):
         schedule = self.config.text.meta_fusion_schedule
 
         def cross_block(i, h):  # cross-attention block j runs right before self-attention layer schedule[j]
             if cross_args is None or i not in schedule:
                 return h
-            kv, tiles, row_mask = cross_args
             j = schedule.index(i)
-            h = call_block(self.cross_layers[j], self.remat, h, kv[j], tiles, row_mask)
+            h = call_block(self.cross_layers[j], self.remat, h, cross_args.kv[j], cross_args.tiles, cross_args.row_mask)
             return constrain_activation(self.placement, h)
 
-        return run_unrolled(self.layers, h, cos, sin, span, cache, index, self.placement, cross_block, remat=self.remat)
+        return run_unrolled(self.layers, h, step, cache, self.placement, cross_block, remat=self.remat)
 
-    def _run_groups(self, h, cos, sin, span, cache, index, cross_args):
+    def _run_groups(self, h, step: StepInputs, cache, cross_args: CrossStep | None):
         """``lax.scan`` over the ``C`` groups ``[self x (k-1), cross, self]`` (stacked parameters; the stacked
         cache is carried and updated in place, as in :func:`llama32_jax.models.text.scan_with_cache`)."""
         t = self.config.text
@@ -147,7 +159,7 @@ class MllamaText(nnx.Module):
         cross_def, cross_state = nnx.split(self.cross_layers)
         # Self layers are picked from the stacked [L, ...] weights by index: reshaping them to [C, k, ...] as scan
         # inputs made XLA copy every weight (+22 GB per device for 90B-Vision over 8 devices).
-        xs = {"cross": None if cross_args is None else (cross_state, cross_args[0]), "group": jnp.arange(groups)}
+        xs = {"cross": None if cross_args is None else (cross_state, cross_args.kv), "group": jnp.arange(groups)}
 
         def body(carry, x):
             h, k_all, v_all = carry
@@ -155,21 +167,21 @@ class MllamaText(nnx.Module):
                 if i == k - 1 and x["cross"] is not None:
                     block_state, vision_kv = x["cross"]
                     cross_block = nnx.merge(cross_def, block_state)
-                    h = call_block(cross_block, self.remat, h, vision_kv, cross_args[1], cross_args[2])
+                    h = call_block(cross_block, self.remat, h, vision_kv, cross_args.tiles, cross_args.row_mask)
                     h = constrain_activation(self.placement, h)
                 layer = x["group"] * k + i
                 pick = lambda a, layer=layer: jax.lax.dynamic_index_in_dim(a, layer, keepdims=False)  # noqa: E731
                 block = nnx.merge(self_def, jax.tree.map(pick, self_state))
-                kv = None if k_all is None else (k_all, v_all, layer)
-                h, new_kv = call_block(block, self.remat, h, cos, sin, span, kv, index)
+                kv = None if k_all is None else LayerCache(k_all, v_all, layer)
+                h, kv = call_block(block, self.remat, h, step, kv)
                 h = constrain_activation(self.placement, h)
-                if k_all is not None:
-                    k_all, v_all = new_kv
+                if kv is not None:
+                    k_all, v_all = kv.k, kv.v
             return (h, k_all, v_all), None
 
         carry = (h, None, None) if cache is None else (h, cache.k, cache.v)
         (h, k_all, v_all), _ = jax.lax.scan(body, carry, xs)
-        return h, k_all, v_all
+        return h, None if cache is None else (k_all, v_all)
 
 
 class Mllama(MllamaText):

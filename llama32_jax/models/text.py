@@ -19,12 +19,10 @@ from llama32_jax import dims
 from llama32_jax.configs.base import ModelConfig, TextConfig
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.nn.attend import self_attend
-from llama32_jax.nn.cache import KVCache
+from llama32_jax.nn.cache import KVCache, LayerCache
 from llama32_jax.nn.layers import Einsum, Embed, HeadsProjection, MergeHeadsProjection, RMSNorm, make_param
 from llama32_jax.nn.rope import apply_rope, inv_frequencies, rope_angles
 from llama32_jax.sharding.placement import constrain_activation, constrain_cache
-
-LayerKV = tuple[jax.Array, jax.Array]
 
 
 class SlotSpan(NamedTuple):
@@ -35,6 +33,16 @@ class SlotSpan(NamedTuple):
     kv_start: jax.Array  # [B] int32
     kv_end: jax.Array  # [B] int32
     segments: jax.Array | None = None  # [B, T] int32: packed sequences (no cache); keys of other segments hidden
+
+
+class StepInputs(NamedTuple):
+    """What every self-attention layer of one call reads (:func:`token_positions`)."""
+
+    positions: jax.Array  # [B, T] int32: the tokens' RoPE positions
+    cos: jax.Array  # [B, T, H/2] fp32: RoPE tables at those positions
+    sin: jax.Array  # [B, T, H/2] fp32
+    span: SlotSpan  # the key slots each query sees
+    index: jax.Array  # [] int32: the cache slot the first token is written to (0 without a cache)
 
 
 # Activation checkpointing of each decoder / cross-attention block in training (``model.remat``).
@@ -73,31 +81,17 @@ class SelfAttention(nnx.Module):
         self.attention_impl = "auto"
         self.placement = None
 
-    def __call__(
-        self, x: jax.Array, cos: jax.Array, sin: jax.Array, span: SlotSpan, kv, index: jax.Array
-    ) -> tuple[jax.Array, LayerKV | None]:
-        """``span``: which key slots each sequence may see (:func:`token_positions`). ``kv``: None (no cache), this
-        layer's ``(k, v)`` buffers ``[B, K, S, H]``, or the stacked buffers and the layer index ``(k_all, v_all,
-        i)`` (scanned layout); the updated buffers of the same form come back."""
-        q = apply_rope(self.wq(x), cos, sin)  # [B, T, N, H]
-        k = apply_rope(self.wk(x), cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
+    def __call__(self, x: jax.Array, step: StepInputs, kv: LayerCache | None) -> tuple[jax.Array, LayerCache | None]:
+        """``step``: RoPE tables, the visible key slots and the cache slot to write (:func:`token_positions`).
+        ``kv``: None (no cache) or this layer's view of the cache, which comes back with the tokens written."""
+        span = step.span
+        q = apply_rope(self.wq(x), step.cos, step.sin)  # [B, T, N, H]
+        k = apply_rope(self.wk(x), step.cos, step.sin).transpose(0, 2, 1, 3)  # [B, K, T, H]
         v = self.wv(x).transpose(0, 2, 1, 3)  # [B, K, T, H]
-        zero = jnp.zeros((), jnp.int32)
         if kv is None:
-            keys, values, new_kv = k, v, None
-        elif len(kv) == 3:  # the whole stacked cache [L, B, K, S, H] and this layer's index (scanned layout)
-            all_k, all_v, layer = kv
-            at = (layer, zero, zero, index, zero)
-            all_k = jax.lax.dynamic_update_slice(all_k, k[None].astype(all_k.dtype), at)
-            all_v = jax.lax.dynamic_update_slice(all_v, v[None].astype(all_v.dtype), at)
-            keys = jax.lax.dynamic_index_in_dim(all_k, layer, keepdims=False)
-            values = jax.lax.dynamic_index_in_dim(all_v, layer, keepdims=False)
-            new_kv = (all_k, all_v)
+            keys, values = k, v
         else:
-            cache_k, cache_v = kv  # [B, K, S, H]
-            cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (zero, zero, index, zero))
-            cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (zero, zero, index, zero))
-            keys, values, new_kv = cache_k, cache_v, (cache_k, cache_v)
+            kv, keys, values = kv.write(k, v, step.index)
         out = self_attend(  # [B, T, N, H]
             q,
             keys.astype(q.dtype),
@@ -110,7 +104,7 @@ class SelfAttention(nnx.Module):
             placement=self.placement,
             cached=kv is not None,
         )
-        return self.wo(out), new_kv
+        return self.wo(out), kv
 
 
 class FeedForward(nnx.Module):
@@ -135,8 +129,8 @@ class DecoderBlock(nnx.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps, dtype=dtype, stack=stack, rngs=rngs)
         self.feed_forward = FeedForward(cfg.dim, cfg.ffn_dim, dtype=dtype, stack=stack, rngs=rngs)
 
-    def __call__(self, x, cos, sin, span, kv: LayerKV | None, index) -> tuple[jax.Array, LayerKV | None]:
-        attn_out, new_kv = self.attention(self.attention_norm(x), cos, sin, span, kv, index)
+    def __call__(self, x, step: StepInputs, kv: LayerCache | None) -> tuple[jax.Array, LayerCache | None]:
+        attn_out, new_kv = self.attention(self.attention_norm(x), step, kv)
         h = x + attn_out
         return h + self.feed_forward(self.ffn_norm(h)), new_kv
 
@@ -181,62 +175,65 @@ class Transformer(nnx.Module):
         cache) pass ``positions [B, T]`` (RoPE positions, restarting in each packed sequence) and ``segment_ids [B,
         T]`` (tokens attend only within their segment; :mod:`llama32_jax.training.data`).
         """
-        t = self.config.text
-        index, _, cos, sin, span = token_positions(self.config, tokens, cache, positions, segment_ids)
-
+        step = token_positions(self.config, tokens, cache, positions, segment_ids)
         h = constrain_activation(self.placement, self.embed(tokens))  # [B, T, D]
-        h, new_k, new_v = self._run_layers(h, cos, sin, span, cache, index)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
-        if t.tie_embeddings:
-            logits = self.embed.attend(h)
-        else:
-            logits = jnp.einsum("btd,vd->btv", h, self.lm_head[...], preferred_element_type=jnp.float32)
-        if cache is None:
-            return logits, None
-        new_cache = dataclasses.replace(cache, k=new_k, v=new_v, index=index + tokens.shape[1])
-        return logits, constrain_cache(self.placement, new_cache)
+        h, new_kv = self._run_layers(h, step, cache)
+        head = self.embed.attend if self.config.text.tie_embeddings else lambda h: head_logits(h, self.lm_head)
+        return decoder_output(self, head, h, cache, new_kv, step.index + tokens.shape[1], last_only=last_only)
 
-    def _run_layers(self, h, cos, sin, span, cache: KVCache | None, index):
+    def _run_layers(self, h, step: StepInputs, cache: KVCache | None):
         if self.config.scan_layers:
             graphdef, state = nnx.split(self.layers)
 
             def block(h, layer_state, kv):
-                h, new_kv = call_block(nnx.merge(graphdef, layer_state), self.remat, h, cos, sin, span, kv, index)
+                h, new_kv = call_block(nnx.merge(graphdef, layer_state), self.remat, h, step, kv)
                 return constrain_activation(self.placement, h), new_kv
 
             if cache is None:
                 h, _ = jax.lax.scan(lambda h, layer_state: block(h, layer_state, None), h, state)
-                return h, None, None
-            h, k, v = scan_with_cache(block, h, state, cache.k, cache.v)
-            return h, k, v
-        return run_unrolled(self.layers, h, cos, sin, span, cache, index, self.placement, remat=self.remat)
+                return h, None
+            return scan_with_cache(block, h, state, cache)
+        return run_unrolled(self.layers, h, step, cache, self.placement, remat=self.remat)
 
 
-def run_unrolled(
-    layers, h, cos, sin, span, cache: KVCache | None, index, placement, before_layer=None, remat: str = "none"
-):
-    """The unrolled layout: a Python loop over per-layer blocks and cache buffers; returns ``(h, new k, new v)``.
+def head_logits(h: jax.Array, lm_head: nnx.Param) -> jax.Array:
+    """The untied output head: ``h [B, T, D]`` times ``lm_head [V, D]`` -> fp32 logits ``[B, T, V]``."""
+    return jnp.einsum("btd,vd->btv", h, lm_head[...], preferred_element_type=jnp.float32)
+
+
+def decoder_output(model: nnx.Module, head, h, cache: KVCache | None, new_kv, next_index, *, last_only: bool):
+    """The text and vision decoders' common tail: the final norm and output ``head`` -> fp32 logits, and the cache
+    with the layers' new buffers ``new_kv = (k, v)`` and ``index = next_index`` (``(logits, None)`` without one)."""
+    if last_only:
+        h = h[:, -1:]
+    logits = head(model.norm(h))
+    if cache is None:
+        return logits, None
+    new_cache = dataclasses.replace(cache, k=new_kv[0], v=new_kv[1], index=next_index)
+    return logits, constrain_cache(model.placement, new_cache)
+
+
+def run_unrolled(layers, h, step: StepInputs, cache: KVCache | None, placement, before_layer=None, remat="none"):
+    """The unrolled layout: a Python loop over per-layer blocks and cache buffers; returns ``(h, new (k, v))``
+    (``(h, None)`` without a cache).
 
     ``before_layer(i, h) -> h`` runs ahead of layer ``i`` (the vision decoder's cross-attention blocks)."""
     new_k, new_v = [], []
     for i, block in enumerate(layers):
         if before_layer is not None:
             h = before_layer(i, h)
-        kv = None if cache is None else (cache.k[i], cache.v[i])
-        h, layer_kv = call_block(block, remat, h, cos, sin, span, kv, index)
+        h, kv = call_block(block, remat, h, step, None if cache is None else cache.layer(i))
         h = constrain_activation(placement, h)
-        if layer_kv is not None:
-            new_k.append(layer_kv[0])
-            new_v.append(layer_kv[1])
-    return h, tuple(new_k), tuple(new_v)
+        if kv is not None:
+            new_k.append(kv.k)
+            new_v.append(kv.v)
+    return h, None if cache is None else (tuple(new_k), tuple(new_v))
 
 
-def scan_with_cache(block, h, stacked_state, cache_k, cache_v):
-    """``lax.scan`` of ``block(h, layer_state, (k_all, v_all, i)) -> (h, (k_all, v_all))`` over stacked layers,
-    with the stacked ``[L, ...]`` cache carried: each layer writes its new tokens into it in place and reads its
-    own slice.
+def scan_with_cache(block, h, stacked_state, cache: KVCache):
+    """``lax.scan`` of ``block(h, layer_state, LayerCache) -> (h, LayerCache)`` over stacked layers, with the
+    stacked ``[L, ...]`` cache carried: each layer writes its new tokens into it in place and reads its own slice.
+    Returns ``(h, new (k, v))``.
 
     Feeding the cache as scan inputs and collecting the new one as outputs made XLA hold several full copies of it
     (measured: 3.5x the cache in temporaries for a 1B decode step at 128K slots); carried, it stays one buffer.
@@ -246,11 +243,11 @@ def scan_with_cache(block, h, stacked_state, cache_k, cache_v):
     def body(carry, xs):
         h, k_all, v_all = carry
         layer_state, i = xs
-        h, (k_all, v_all) = block(h, layer_state, (k_all, v_all, i))
-        return (h, k_all, v_all), None
+        h, kv = block(h, layer_state, LayerCache(k_all, v_all, i))
+        return (h, kv.k, kv.v), None
 
-    (h, k, v), _ = jax.lax.scan(body, (h, cache_k, cache_v), (stacked_state, jnp.arange(n)))
-    return h, k, v
+    (h, k, v), _ = jax.lax.scan(body, (h, cache.k, cache.v), (stacked_state, jnp.arange(n)))
+    return h, (k, v)
 
 
 def token_positions(
@@ -259,8 +256,8 @@ def token_positions(
     cache: KVCache | None,
     positions: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
-):
-    """Where ``tokens [B, T]`` go: ``(index, positions [B, T], cos, sin, SlotSpan)``.
+) -> StepInputs:
+    """Where ``tokens [B, T]`` go: the :class:`StepInputs` every layer reads.
 
     Without a cache the tokens are a whole (unpadded) sequence, or packed sequences when ``positions`` /
     ``segment_ids`` are given; with a cache they are written at ``cache.index`` and each sequence's positions
@@ -290,7 +287,7 @@ def token_positions(
     # Keys past this call's last token are not written yet (causality hides them too; the bound lets kernels stop).
     end = jnp.broadcast_to(index + length, (b,)).astype(jnp.int32)
     segments = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    return index, positions, cos, sin, SlotSpan(index, start, end, segments)
+    return StepInputs(positions, cos, sin, SlotSpan(index, start, end, segments), index)
 
 
 def check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int) -> None:

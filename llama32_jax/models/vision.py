@@ -132,7 +132,7 @@ class PatchEmbed(nnx.Module):
         self.kernel = make_param(rngs, (width, n_in), (VISION_EMBED, PATCH), dtype)
 
     def __call__(self, patches: jax.Array) -> jax.Array:
-        return jnp.einsum("...k,wk->...w", patches, self.kernel[...])
+        return jnp.einsum("...c,wc->...w", patches, self.kernel[...])
 
 
 class VisionAttention(nnx.Module):

@@ -8,7 +8,8 @@ never changes a result. Keys and values keep ``K`` kv heads (grouped-query atten
 ``k``/``v`` are one stacked ``[L, B, K, S, H]`` array each in the scanned layout, or a tuple of ``L`` arrays
 ``[B, K, S, H]`` in the unrolled layout (per-layer buffers avoid slice copies on XLA:CPU). Slots are the
 second-to-last axis so that each kv head's ``[S, H]`` block is contiguous: the attention contractions then read
-the cache in place instead of transposing a copy of it every step.
+the cache in place instead of transposing a copy of it every step. A self-attention layer sees the cache through
+a :class:`LayerCache` (:meth:`KVCache.layer`; inside a layer scan, built on the carried stacked buffers).
 """
 
 from __future__ import annotations
@@ -78,3 +79,40 @@ class KVCache:
         if start.shape != (batch_size,):
             raise InvalidInputError(f"KVCache start must have shape ({batch_size},), got {start.shape}")
         return cls(k=k, v=v, start=start, index=jnp.zeros((), jnp.int32))
+
+    def layer(self, i: int) -> LayerCache:
+        """Layer ``i``'s view: its own buffers (unrolled layout) or the stacked ones and the index ``i``."""
+        if self.stacked:
+            return LayerCache(self.k, self.v, jnp.asarray(i, jnp.int32))
+        return LayerCache(self.k[i], self.v[i])
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One self-attention layer's view of a :class:`KVCache`.
+
+    Unrolled layout: ``k``/``v`` are this layer's buffers ``[B, K, S, H]`` and ``layer`` is None. Scanned layout:
+    ``k``/``v`` are the whole stacked buffers ``[L, B, K, S, H]`` (carried through the layer scan, so that they stay
+    one buffer updated in place) and ``layer`` is this layer's index into them.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array | None = None  # [] int32
+
+    def write(self, k: jax.Array, v: jax.Array, index: jax.Array) -> tuple[LayerCache, jax.Array, jax.Array]:
+        """Write the new tokens' ``k, v [B, K, T, H]`` at slot ``index``; returns ``(updated view, this layer's
+        keys, values [B, K, S, H])`` (in the cache dtype)."""
+        zero = jnp.zeros((), jnp.int32)
+        if self.layer is None:
+            at = (zero, zero, index, zero)
+            cache_k = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at)
+            cache_v = jax.lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), at)
+            return LayerCache(cache_k, cache_v), cache_k, cache_v
+        at = (self.layer, zero, zero, index, zero)
+        all_k = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at)
+        all_v = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at)
+        keys = jax.lax.dynamic_index_in_dim(all_k, self.layer, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(all_v, self.layer, keepdims=False)
+        return LayerCache(all_k, all_v, self.layer), keys, values

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from llama32_jax import configs, sharding
-from llama32_jax.api import DTYPES, Model, load
+from llama32_jax.api import Model, load
 from llama32_jax.checkpoint.hf_export import source_path, write_export_marker, write_hf_files, write_tokenizer_files
 from llama32_jax.checkpoint.pipeline import atomic_directory, check_output
+from llama32_jax.configs.base import DTYPES
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.inputs.tokenizer import HFTokenizer
 from llama32_jax.models.build import init_model
@@ -112,8 +113,8 @@ def export_model(
 
     from flax import nnx
 
-    if dtype not in ("bfloat16", "float32", "float16"):
-        raise InvalidInputError(f"dtype must be one of ('bfloat16', 'float32', 'float16'), got {dtype!r}")
+    if dtype not in DTYPES:
+        raise InvalidInputError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     out = check_output(output, overwrite=overwrite, source=source_path(model))
     # copy=True: nnx.merge would otherwise share Variables with the trainer, and merging would change its state.
     module = nnx.merge(trainer.graphdef, trainer.trainable, trainer.frozen, copy=True)
