@@ -18,45 +18,9 @@ from llama32_jax.configs import (
     llama3_ffn_dim,
 )
 from llama32_jax.errors import ConfigError, UnsupportedConfigError
+from tests.config_dicts import META_1B, META_3B, META_11B, META_90B
 
-# Meta params.json of the published models (docs/model-facts.md §1.1, SKU arch_args).
-META_1B = {
-    "dim": 2048,
-    "ffn_dim_multiplier": 1.5,
-    "multiple_of": 256,
-    "n_heads": 32,
-    "n_kv_heads": 8,
-    "n_layers": 16,
-    "norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "use_scaled_rope": True,
-    "vocab_size": 128256,
-}
-META_3B = {**META_1B, "dim": 3072, "ffn_dim_multiplier": 1.0, "n_heads": 24, "n_layers": 28}
-META_11B = {
-    "dim": 4096,
-    "ffn_dim_multiplier": 1.3,
-    "multiple_of": 1024,
-    "n_heads": 32,
-    "n_kv_heads": 8,
-    "n_layers": 32,
-    "norm_eps": 1e-05,
-    "rope_theta": 500000.0,
-    "use_scaled_rope": True,
-    "vocab_size": 128256,
-    "vision_chunk_size": 560,
-    "vision_max_num_chunks": 4,
-    "vision_num_cross_attention_layers": 8,
-}
-META_90B = {
-    **META_11B,
-    "dim": 8192,
-    "ffn_dim_multiplier": 1.3,
-    "multiple_of": 4096,
-    "n_heads": 64,
-    "n_layers": 80,
-    "vision_num_cross_attention_layers": 20,
-}
+# Meta params.json of the published models (docs/model-facts.md §1.1): the same dicts the config-variant tests use.
 
 
 def test_ffn_formula():
