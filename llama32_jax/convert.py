@@ -31,6 +31,7 @@ from llama32_jax.checkpoint.pipeline import convert as convert
 from llama32_jax.checkpoint.safety import check_source_dir
 from llama32_jax.configs.base import DTYPES
 from llama32_jax.errors import LlamaJaxError
+from llama32_jax.sharding.tpu import quiet_libtpu_on_cpu_host
 
 DEFAULT_FLUSH_MB = 256.0
 
@@ -152,6 +153,7 @@ class _QuietStderr:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_libtpu_on_cpu_host()  # libtpu installed on a host without TPU chips: no start-up warnings
     args = _parser().parse_args(argv)
     t0 = time.perf_counter()
     noise, stderr = _QuietOrbaxNoise(), sys.stderr

@@ -9,7 +9,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import jax
+# libtpu (the tpu-compile extra) is installed for the TPU compile tests; on a host without TPU chips keep its
+# start-up quiet (it changes nothing on a TPU VM, and JAX still runs these tests on CPU).
+from llama32_jax.sharding.tpu import quiet_libtpu_on_cpu_host
+
+quiet_libtpu_on_cpu_host()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -7,6 +7,7 @@ A plan is one TOML file (``sharding/<name>.toml``, docs/design.md §5)::
     axes = ["fsdp", "tensor"]
     devices = "H100"               # optional: the device kind the plan is written for (memory plans)
     hosts = 1                      # optional: processes the mesh spans
+    topology = "v5e:2x4"           # optional, TPU plans: the slice, for compiling without a TPU (sharding.tpu)
 
     [rules]                        # logical axis (llama32_jax.dims, vision.py) -> mesh axis or list of axes
     batch = ["fsdp"]
@@ -83,6 +84,7 @@ class Plan:
     rules: tuple[tuple[str, tuple[str, ...]], ...]
     devices: str | None = None
     hosts: int = 1
+    topology: str | None = None
 
     @property
     def mesh_dict(self) -> dict[str, int]:
@@ -144,9 +146,9 @@ def plan_from_dict(data: Mapping[str, Any], name: str) -> Plan:
     mesh = data.get("mesh")
     if not isinstance(mesh, Mapping):
         raise PlanError(f"{where}: missing [mesh] table (shape = [...], axes = [...])")
-    extra = set(mesh) - {"shape", "axes", "devices", "hosts"}
+    extra = set(mesh) - {"shape", "axes", "devices", "hosts", "topology"}
     if extra:
-        raise PlanError(f"{where}: unknown [mesh] keys {sorted(extra)}; valid: shape, axes, devices, hosts")
+        raise PlanError(f"{where}: unknown [mesh] keys {sorted(extra)}; valid: shape, axes, devices, hosts, topology")
     shape, axes = mesh.get("shape"), mesh.get("axes")
     if not isinstance(shape, (list, tuple)) or not shape:
         raise PlanError(f"{where}: mesh.shape must be a non-empty list of positive integers, got {shape!r}")
@@ -173,6 +175,19 @@ def plan_from_dict(data: Mapping[str, Any], name: str) -> Plan:
         raise PlanError(f"{where}: mesh.devices must be a device kind string such as 'H100', got {devices!r}")
     if not _is_int(hosts) or hosts < 1 or math.prod(shape) % hosts:
         raise PlanError(f"{where}: mesh.hosts must be a positive divisor of the mesh size, got {hosts!r}")
+    topology = mesh.get("topology")
+    if topology is not None:
+        dims_ = _topology_dims(topology)
+        if dims_ is None:
+            raise PlanError(
+                f"{where}: mesh.topology must name a TPU slice as '<generation>:<chips per dimension>', e.g. "
+                f"'v5e:2x4' or 'v5p:2x2x2', got {topology!r}"
+            )
+        if math.prod(dims_) != math.prod(shape):
+            raise PlanError(
+                f"{where}: mesh.topology {topology!r} has {math.prod(dims_)} chips but the mesh "
+                f"{dict(zip(axes, shape, strict=True))} has {math.prod(shape)} devices"
+            )
     rules_in = data.get("rules", {})
     if not isinstance(rules_in, Mapping):
         raise PlanError(f"{where}: [rules] must be a table of logical axis = mesh axis (or list of axes)")
@@ -191,7 +206,18 @@ def plan_from_dict(data: Mapping[str, Any], name: str) -> Plan:
         if len(set(target)) != len(target):
             raise PlanError(f"{where}: rule {logical} = {target} repeats a mesh axis")
         rules.append((logical, tuple(target)))
-    return Plan(name, tuple(shape), tuple(axes), tuple(rules), devices, int(hosts))
+    return Plan(name, tuple(shape), tuple(axes), tuple(rules), devices, int(hosts), topology)
+
+
+def _topology_dims(topology: Any) -> tuple[int, ...] | None:
+    """``(2, 4)`` for ``"v5e:2x4"``; None when ``topology`` is not of the form ``<generation>:<AxB[xC]>``."""
+    if not isinstance(topology, str) or topology.count(":") != 1:
+        return None
+    generation, chips = topology.split(":")
+    parts = chips.split("x")
+    if not generation or not all(p.isdigit() and int(p) > 0 for p in parts) or len(parts) not in (2, 3):
+        return None
+    return tuple(int(p) for p in parts)
 
 
 def available_plans() -> list[str]:
