@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 from experiments import memory_plan
 from llama32_jax import dims, sharding
 from llama32_jax.models.build import abstract_model
+from llama32_jax.nn.attend import set_attention_impl
 from llama32_jax.nn.cache import KVCache
 
 FLOP_CONVENTION = (
@@ -110,11 +111,11 @@ def depth_units(config) -> int:
     return config.text.n_cross_attention_layers if config.is_vision else config.text.n_layers
 
 
-def _placed_model(model, placement):
+def _placed_model(model, placement, attention_impl: str = "auto"):
     for _, node in nnx.iter_graph(model):  # as shard_model: the model and its attention modules
         if isinstance(node, nnx.Module) and hasattr(node, "placement"):
             node.placement = placement
-    return model
+    return set_attention_impl(model, attention_impl)
 
 
 def _cache(config, batch: int, slots: int, dtype, placement) -> KVCache:
@@ -172,9 +173,9 @@ def _step_weight_bytes(config, params: dict) -> int:
     return sum(_bytes(v) for k, v in params.items() if k not in skip)
 
 
-def build_inference(config, case: Case, placement, dtype, decode_slots: int) -> Step:
+def build_inference(config, case: Case, placement, dtype, decode_slots: int, attention_impl: str = "auto") -> Step:
     """Prefill (``T`` tokens into an empty cache of ``T + decode_slots``) or one decode step (``T``-slot cache)."""
-    model = _placed_model(abstract_model(config, param_dtype=dtype), placement)
+    model = _placed_model(abstract_model(config, param_dtype=dtype), placement, attention_impl)
     graphdef, state = nnx.split(model)
     params = memory_plan._abstract(
         nnx.to_pure_dict(state), nnx.to_pure_dict(sharding.param_specs(model, placement.plan)), placement.mesh
@@ -218,7 +219,7 @@ def _shard_like_params(tree, specs: dict, mesh):
     return jax.tree_util.tree_map_with_path(leaf, tree)
 
 
-def build_train(config, case: Case, placement, dtype, decode_slots: int = 0) -> Step:
+def build_train(config, case: Case, placement, dtype, decode_slots: int = 0, attention_impl: str = "auto") -> Step:
     """One ``llama32_jax.training.train`` step on ``[B, T]`` inputs/targets/loss_mask (trainable + optimiser state
     donated)."""
     from llama32_jax.training.train import TrainConfig, make_optimizer, make_train_step, split_for_training
@@ -233,9 +234,9 @@ def build_train(config, case: Case, placement, dtype, decode_slots: int = 0) -> 
             add_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets, seed=cfg.seed)
             return model
 
-        model = _placed_model(nnx.eval_shape(with_lora), placement)
+        model = _placed_model(nnx.eval_shape(with_lora), placement, attention_impl)
     else:
-        model = _placed_model(abstract_model(config, param_dtype=dtype), placement)
+        model = _placed_model(abstract_model(config, param_dtype=dtype), placement, attention_impl)
     specs = nnx.to_pure_dict(sharding.param_specs(model, placement.plan))  # adapters included
     flat = {
         tuple(p.key for p in path): spec
@@ -264,9 +265,11 @@ def build_train(config, case: Case, placement, dtype, decode_slots: int = 0) -> 
     return Step(step, (trainable, frozen, opt_state, batch), (0, 2), params, weights, state, weights + state, feed)
 
 
-def build(config, case: Case, placement, dtype, decode_slots: int) -> Step:
-    """The step of ``case.phase``; ``decode_slots``: a prefill's KV-cache slots beyond the prompt."""
-    return (build_train if case.phase == "train" else build_inference)(config, case, placement, dtype, decode_slots)
+def build(config, case: Case, placement, dtype, decode_slots: int, attention_impl: str = "auto") -> Step:
+    """The step of ``case.phase``; ``decode_slots``: a prefill's KV-cache slots beyond the prompt; ``attention_impl``
+    as ``llama32_jax.load``'s (``"auto"`` follows the plan's devices: Pallas on a GPU/TPU mesh)."""
+    fn = build_train if case.phase == "train" else build_inference
+    return fn(config, case, placement, dtype, decode_slots, attention_impl)
 
 
 # ------------------------------------------------------------------------------------------------ compiling, timing

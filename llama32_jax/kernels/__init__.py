@@ -43,12 +43,15 @@ def platform() -> str:
     return "gpu" if name in ("gpu", "cuda", "rocm") else name
 
 
-def resolve_impl(impl: str) -> str:
-    """``"auto"`` -> ``"pallas"`` on GPU/TPU, ``"xla"`` elsewhere; ``"xla"`` / ``"pallas"`` unchanged."""
+def resolve_impl(impl: str, target: str | None = None) -> str:
+    """``"auto"`` -> ``"pallas"`` on GPU/TPU, ``"xla"`` elsewhere; ``"xla"`` / ``"pallas"`` unchanged.
+
+    ``target``: the platform the op is compiled for when it is not the default backend's (the devices of a mesh
+    the model is placed on, e.g. a TPU slice compiled for ahead of time from a CPU host)."""
     if impl not in ATTENTION_IMPLS:
         raise InvalidInputError(f"impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if platform() in BACKENDS else "xla"
+        return "pallas" if (target or platform()) in BACKENDS else "xla"
     return impl
 
 

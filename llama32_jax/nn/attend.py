@@ -12,6 +12,11 @@ kv head, so each device runs the kernel on its own batch rows and heads, exactly
 (``batch`` over the data axes, query and kv heads over the tensor axes: a kv head and its query heads always land
 on the same device because both head counts are split by the same factor). The key/sequence axes must be
 unsharded for that, and a plan that shards them is refused with a :class:`~llama32_jax.sharding.PlanError`.
+
+The devices decide the implementation: with a placement, ``"auto"`` and the Pallas flavour follow the platform of
+the placement's mesh (a mesh of TPU devices gets the Mosaic kernels, not interpreted, even when the process's
+default backend is the CPU: that is how ``llama32_jax.sharding.tpu`` compiles the model for a TPU slice ahead of
+time); without one, the default backend's.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from jax.sharding import PartitionSpec
 
 from llama32_jax import dims
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.kernels import resolve_impl
+from llama32_jax.kernels import BACKENDS, resolve_impl
 from llama32_jax.kernels.cross_attention import cross_attention as cross_attention_kernel
 from llama32_jax.kernels.decode_attention import decode_attention
 from llama32_jax.kernels.flash_attention import flash_attention
@@ -66,12 +71,14 @@ def self_attend(
                 "or 'auto', or unpacked batches"
             )
         impl = "xla"
-    if resolve_impl(impl) == "xla":
+    target = _mesh_platform(placement)
+    if resolve_impl(impl, target) == "xla":
         return xla.self_attention(q, k, v, q_offset=q_offset, kv_start=kv_start, kv_end=kv_end, segment_ids=segment_ids)
     op = decode_attention if cached and q.shape[1] <= DECODE_MAX_TOKENS else flash_attention
+    flavour = _flavour(target)
 
     def run(q, k, v, q_offset, kv_start, kv_end):
-        return op(q, k, v, q_offset=q_offset, kv_start=kv_start, kv_end=kv_end, impl="pallas")
+        return op(q, k, v, q_offset=q_offset, kv_start=kv_start, kv_end=kv_end, impl="pallas", **flavour)
 
     args = (q, k, v, jnp.asarray(q_offset, jnp.int32), kv_start, kv_end)
     if placement is None:
@@ -87,17 +94,35 @@ def cross_attend(
     R]`` (:func:`llama32_jax.nn.attention.cross_attention`); ``N_v = I * R * P`` gives the tokens per tile ``P``."""
     i, r = tile_mask.shape[2:]
     tokens_per_tile = k.shape[2] // max(i * r, 1)
-    if resolve_impl(impl) == "xla":
+    target = _mesh_platform(placement)
+    if resolve_impl(impl, target) == "xla":
         return xla.cross_attention(q, k, v, tile_mask, tokens_per_tile=tokens_per_tile)
+    flavour = _flavour(target)
 
     def run(q, k, v, tile_mask):
-        return cross_attention_kernel(q, k, v, tile_mask, tokens_per_tile=tokens_per_tile, impl="pallas")
+        return cross_attention_kernel(q, k, v, tile_mask, tokens_per_tile=tokens_per_tile, impl="pallas", **flavour)
 
     args = (q, k, v, tile_mask)
     if placement is None:
         return run(*args)
     specs = _specs(placement, q, k, ((dims.BATCH, None, None, None),), args[3:])
     return _shard_map(run, placement, specs, _spec(placement, _Q_AXES, q.shape, "attention queries"))(*args)
+
+
+def _mesh_platform(placement) -> str | None:
+    """``"tpu"``, ``"gpu"`` or ``"cpu"``: the platform of the placement's devices (None without a placement)."""
+    if placement is None:
+        return None
+    name = placement.mesh.devices.flat[0].platform
+    return "gpu" if name in ("gpu", "cuda", "rocm") else name
+
+
+def _flavour(target: str | None) -> dict:
+    """The kernels' ``backend`` / ``interpret`` for devices of platform ``target`` (defaults when it is the CPU or
+    unknown: the kernels then decide from the default backend, interpreted on CPU)."""
+    if target in BACKENDS:
+        return {"backend": target, "interpret": False}
+    return {}
 
 
 def _spec(placement, axes, shape, where: str) -> PartitionSpec:
