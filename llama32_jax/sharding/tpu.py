@@ -19,9 +19,9 @@ show: the numbers the chip computes (nothing executes) and the real speed (``opt
 cost model, not a measurement).
 
 On a host without TPU chips, libtpu's initialisation prints warnings about the missing TPU metadata (accelerator
-type, worker hostnames) whenever JAX starts its backends. :func:`quiet_libtpu_on_cpu_host` fills in those
-settings *only* when the host has no TPU device files (``/dev/accel*``, ``/dev/vfio/<n>``), which silences them;
-JAX then falls back to its other backends as before.
+type, worker hostnames) whenever JAX starts its backends, and only one process at a time may load it.
+:func:`quiet_libtpu_on_cpu_host` fills in those settings and lifts the lock *only* when the host has no TPU device
+files (``/dev/accel*``, ``/dev/vfio/<n>``); JAX then falls back to its other backends as before.
 
 Chip facts (:data:`CHIPS`): HBM capacity, bf16 peak and HBM bandwidth are Google Cloud's published per-chip
 figures (cloud.google.com/tpu/docs/v5e, /v5p, /v6e); VMEM per TensorCore and the default scoped-VMEM limit that
@@ -95,8 +95,11 @@ def libtpu_installed() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
-# libtpu's metadata settings, filled in on a host with no TPU chips so that its initialisation stays quiet.
+# libtpu's metadata settings, filled in on a host with no TPU chips so that its initialisation stays quiet, and
+# its one-process-per-host lock (/tmp/libtpu_lockfile) lifted: with no chips to share, several processes (pytest
+# workers, a compile sweep beside them) may each load the compiler.
 _CPU_HOST_ENV = {
+    "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",
     "TPU_SKIP_MDS_QUERY": "1",
     "TPU_ACCELERATOR_TYPE": "v5litepod-8",
     "TPU_WORKER_ID": "0",
