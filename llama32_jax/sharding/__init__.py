@@ -1,16 +1,16 @@
-"""Sharding: plans (``plan``), placement inside the model (``placement``), sharding a model (``apply``) and
-multi-host setup (``distributed``).
+"""Sharding: plans (``plan``), placement inside the model (``placement``), sharding a model (``apply``),
+multi-host setup (``distributed``) and TPU slices to compile for without a TPU (``tpu``).
 
 A plan is a device mesh plus rules from logical axis names (``llama32_jax.dims``) to mesh axes, read from the TOML
 files of the repository's top-level ``sharding/`` folder (shipped in the wheel as ``llama32_jax/plans/``).
 
-Layers: ``plan`` and ``distributed`` import only ``errors`` and ``dims``; ``placement`` sits with ``llama32_jax.nn``
-(it also imports ``nn.cache``); ``apply`` sits above ``llama32_jax.models``. Library modules import the submodule
-they need; this package re-exports the public names for users (``lj.sharding.load_plan``,
+Layers: ``plan``, ``distributed`` and ``tpu`` (TPU slices for compiling without a TPU) import only ``errors``,
+``dims`` and ``plan``; ``placement`` sits with ``llama32_jax.nn`` (it also imports ``nn.cache``); ``apply`` sits
+above ``llama32_jax.models``. Library modules import the submodule they need; this package re-exports the public names for users (``lj.sharding.load_plan``,
 ``lj.sharding.shard_model``, ...), so it counts as the ``apply`` layer.
 """
 
-from llama32_jax.sharding import distributed
+from llama32_jax.sharding import distributed, tpu
 from llama32_jax.sharding.apply import (
     flat_param_specs,
     param_axes,
@@ -65,5 +65,6 @@ __all__ = [
     "resolve",
     "restore_shardings",
     "shard_model",
+    "tpu",
     "validate",
 ]
