@@ -6,8 +6,8 @@ files of the repository's top-level ``sharding/`` folder (shipped in the wheel a
 
 Layers: ``plan``, ``distributed`` and ``tpu`` (TPU slices for compiling without a TPU) import only ``errors``,
 ``dims`` and ``plan``; ``placement`` sits with ``llama32_jax.nn`` (it also imports ``nn.cache``); ``apply`` sits
-above ``llama32_jax.models``. Library modules import the submodule they need; this package re-exports the public names for users (``lj.sharding.load_plan``,
-``lj.sharding.shard_model``, ...), so it counts as the ``apply`` layer.
+above ``llama32_jax.models``. Library modules import the submodule they need; this package re-exports the public
+names for users (``lj.sharding.load_plan``, ``lj.sharding.shard_model``, ...), so it counts as the ``apply`` layer.
 """
 
 from llama32_jax.sharding import distributed, tpu
