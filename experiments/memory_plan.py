@@ -2,6 +2,8 @@
 
     .venv/bin/python -m experiments.memory_plan --model=Llama-3.2-90B-Vision --plan=h100x8 --cache_len=131072
     .venv/bin/python -m experiments.memory_plan --all        # every model x named topology -> results/memory_plan.*
+    .venv/bin/python -m experiments.memory_plan --target=tpu --all   # XLA:TPU, every model x TPU plan,
+                                                       # plus a training step per plan -> results/memory_plan_tpu.*
 
 Nothing is allocated: the model is built with ``jax.ShapeDtypeStruct`` leaves (``abstract_model``) carrying the
 plan's ``NamedSharding``s on ``plan.size`` simulated CPU devices, and ``jit(...).lower(...).compile()`` partitions
@@ -14,6 +16,16 @@ so its outputs alias it). "fits" compares that peak with the device's memory les
 
 Caveat: the compile is XLA:CPU's. Buffer assignment differs somewhat between backends (fusion decisions change
 temporaries), while weights, cache and arguments are exact.
+
+``--target=tpu``: the same steps compiled by XLA:TPU (libtpu) for the plan's TPU slice (``sharding.tpu.plan_mesh``;
+plans ``tpu-*``), ahead of time on this host: one chip's numbers come from XLA:TPU's own buffer assignment, with
+its layouts (tiled, padded), fusions and the Pallas attention kernels that ``attention_impl="auto"`` picks on a TPU
+mesh. No upcast correction is applied: the rows report ``f32_weight_copies_gb`` (f32 buffers shaped like a bf16
+weight shard in the optimized HLO; 0 on TPU). A program that does not fit is refused by the compiler
+(``RESOURCE_EXHAUSTED``); the row then carries the compiler's message and "fits" is no. Budget: the chip's HBM
+(``tpu.CHIPS``) less 10%. With ``--train`` (default with ``--target=tpu --all``) a full fine-tuning step
+(``experiments.scaling_steps.build_train``: AdamW, full remat, ``--train_batch`` x ``--prompt_len`` tokens) is
+compiled too.
 """
 
 from __future__ import annotations
@@ -38,7 +50,11 @@ from experiments import cli
 from experiments.results_io import RESULTS_DIR, machine, write_result
 from llama32_jax import configs, dims, sharding
 from llama32_jax.models.build import abstract_model
+from llama32_jax.nn.attend import set_attention_impl
 from llama32_jax.nn.cache import KVCache
+
+if __name__ == "__main__":  # scaling_steps (the --train step) imports this module: one copy, one set of flags
+    sys.modules.setdefault("experiments.memory_plan", sys.modules[__name__])
 
 _MODEL = flags.DEFINE_string("model", "Llama-3.2-90B-Vision", "named config")
 _PLAN = flags.DEFINE_string("plan", "h100x8", "plan name in sharding/ or a .toml path")
@@ -47,6 +63,20 @@ _CACHE = flags.DEFINE_integer("cache_len", 131072, "KV-cache slots per sequence"
 _PROMPT = flags.DEFINE_integer("prompt_len", 2048, "tokens per prefill call (the prompt, or one chunk of it)")
 _IMAGES = flags.DEFINE_integer("images", 1, "images per sequence (vision models; 4 tiles each)")
 _ALL = flags.DEFINE_bool("all", False, "every model x named topology; writes results/memory_plan.{json,md}")
+# --target and --attention_impl are shared with experiments.scaling_study (which imports this module; absl takes one
+# definition of a name per process).
+_TARGET = flags.DEFINE_enum(
+    "target", "host", ["host", "tpu"],
+    "host: XLA for this host's devices (memory_plan: simulated CPU devices; scaling_study: this host's devices); "
+    "tpu: XLA:TPU (libtpu) for each plan's TPU slice, ahead of time on this host",
+)  # fmt: skip
+_ATTENTION = flags.DEFINE_enum(
+    "attention_impl", "", ["", "auto", "xla", "pallas"],
+    "attention kernels (nn.attend); empty: auto, except scaling_study --target=tpu: xla (XLA's cost model cannot "
+    "see inside Pallas custom calls)",
+)  # fmt: skip
+_TRAIN = flags.DEFINE_bool("train", None, "also compile a full fine-tuning step (default: with --target=tpu --all)")
+_TRAIN_BATCH = flags.DEFINE_integer("train_batch", 1, "sequences per training step (--train)")
 
 GB = 1e9
 # Device memory (bytes) by device kind; "fits" leaves 10% headroom for the runtime and fragmentation.
@@ -54,6 +84,7 @@ DEVICE_MEMORY = {"H100": 80e9, "H200": 141e9, "TPU v5e": 16e9, "TPU v5p": 95e9, 
 HEADROOM = 0.9
 MODELS = ["Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.2-11B-Vision", "Llama-3.2-90B-Vision"]
 TOPOLOGIES = ["tpu-v5e-8", "tpu-v5p-16", "tpu-v6e-8", "h100x8", "h200x8", "h100x16-2host"]
+TPU_PLANS = ["tpu-v5e-8", "tpu-v5p-16", "tpu-v6e-8", "tpu-v5e-16"]
 
 
 def _abstract(tree, specs, mesh):
@@ -93,15 +124,83 @@ def _cpu_weight_upcasts(hlo: str, params) -> int:
     return total
 
 
-def plan_memory(model_name: str, plan_name: str, batch: int, cache_len: int, prompt_len: int, images: int) -> dict:
+def _f32_weight_copies(hlo: str, params) -> int:
+    """Bytes of f32 buffers in the optimized HLO shaped like one device's shard of a bf16 weight (or of one layer's
+    slice of a stacked one), outside fusions: XLA:CPU's upcasts (:func:`_cpu_weight_upcasts`) and anything like
+    them on another backend. Layout suffixes (``{1,0:T(8,128)}``) are ignored."""
+    import re
+
+    shapes = set()
+    for x in jax.tree.leaves(params):
+        if x.dtype == jnp.bfloat16 and x.ndim > 1:
+            shard = tuple(x.sharding.shard_shape(x.shape))
+            shapes.add(shard)
+            if len(shard) > 2:
+                shapes.add(shard[1:])
+    seen, total, fused = set(), 0, False
+    for line in hlo.splitlines():
+        if line and not line.startswith(" "):  # a computation's header: skip the bodies of fusions
+            fused = "fused" in line.split("(")[0] or line.lstrip("%").startswith("wrapped")
+            continue
+        m = None if fused else re.match(r"\s*(%[\w.\-]+) = f32\[([\d,]+)\]", line)
+        if m and m.group(1) not in seen:
+            shape = tuple(int(d) for d in m.group(2).split(","))
+            if shape in shapes:
+                seen.add(m.group(1))
+                total += math.prod(shape) * 4
+    return total
+
+
+def _tpu_mesh(plan):
+    from llama32_jax.sharding import tpu
+
+    return tpu.plan_mesh(plan)
+
+
+def _chip_hbm(plan) -> float:
+    from llama32_jax.sharding import tpu
+
+    return tpu.chip(plan.devices).hbm_bytes
+
+
+def _is_oom(e: Exception) -> bool:
+    return "RESOURCE_EXHAUSTED" in str(e) or "Ran out of memory" in str(e)
+
+
+def _oom_text(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:300]
+
+
+def plan_memory(
+    model_name: str,
+    plan_name: str,
+    batch: int,
+    cache_len: int,
+    prompt_len: int,
+    images: int,
+    target: str = "cpu",
+    attention_impl: str = "auto",
+    train: bool = False,
+    train_batch: int = 1,
+) -> dict:
+    """One model x plan row: per-device weights, KV cache, the decode and prefill steps' memory analysis (and a
+    training step's with ``train``), "fits". ``target``: ``"cpu"`` (XLA:CPU, simulated devices) or ``"tpu"``
+    (XLA:TPU for the plan's TPU slice)."""
+    if target not in ("cpu", "tpu"):
+        raise sharding.PlanError(f"memory plan target {target!r}: valid are 'cpu' and 'tpu'")
     config = configs.get_config(model_name).replace(scan_layers=True)
     plan = sharding.load_plan(plan_name)
-    mesh = sharding.make_mesh(plan, jax.devices("cpu"))  # simulated CPU devices, also on a GPU/TPU host
+    if target == "tpu":
+        mesh = _tpu_mesh(plan)  # the plan's TPU slice (PlanError for a plan without a topology)
+    else:
+        mesh = sharding.make_mesh(plan, jax.devices("cpu"))  # simulated CPU devices, also on a GPU/TPU host
     sharding.validate(config, plan)
     batch = -(-batch // plan.batch_shards) * plan.batch_shards  # a data-parallel plan needs a batch per replica
     model = abstract_model(config, param_dtype=jnp.bfloat16)
     placement = sharding.Placement(plan, mesh)
     model.placement = placement
+    set_attention_impl(model, attention_impl)
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
     specs = nnx.to_pure_dict(sharding.param_specs(model, plan))
@@ -136,6 +235,7 @@ def plan_memory(model_name: str, plan_name: str, batch: int, cache_len: int, pro
 
     batch_sharding = placement.sharding((dims.BATCH, None), (batch, 1), "tokens")
     out = {"model": model_name, "plan": plan.name, "devices": plan.devices, "mesh": plan.mesh_dict}
+    out.update(target=target, topology=plan.topology if target == "tpu" else None, attention_impl=attention_impl)
     out.update(batch=batch, cache_len=cache_len, prompt_len=prompt_len, images=images if config.is_vision else 0)
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(params))
     kv_bytes = _shard_bytes(cache.k) + _shard_bytes(cache.v)
@@ -144,37 +244,100 @@ def plan_memory(model_name: str, plan_name: str, batch: int, cache_len: int, pro
     for name, length in (("decode", 1), ("prefill", prompt_len)):
         tokens = jax.ShapeDtypeStruct((batch, length), jnp.int32, sharding=batch_sharding)
         t0 = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(2,)).lower(params, tokens, cache, cross).compile()
-        mem = compiled.memory_analysis()
-        raw = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-        raw += mem.temp_size_in_bytes
-        upcast = _cpu_weight_upcasts(compiled.as_text(), params)
-        out[name] = dict(
-            compile_s=round(time.perf_counter() - t0, 1),
-            argument_gb=mem.argument_size_in_bytes / GB,
-            output_gb=mem.output_size_in_bytes / GB,
-            alias_gb=mem.alias_size_in_bytes / GB,
-            temp_gb=mem.temp_size_in_bytes / GB,
-            xla_cpu_peak_gb=raw / GB,
-            cpu_weight_upcast_gb=upcast / GB,
-            temp_gb_without_upcast=(mem.temp_size_in_bytes - upcast) / GB,
-            peak_gb=(raw - upcast) / GB,
-        )
-    out["peak_gb"] = max(out["decode"]["peak_gb"], out["prefill"]["peak_gb"])
-    out["xla_cpu_peak_gb"] = max(out["decode"]["xla_cpu_peak_gb"], out["prefill"]["xla_cpu_peak_gb"])
-    capacity = DEVICE_MEMORY.get(plan.devices or "")
+        try:
+            compiled = jax.jit(step, donate_argnums=(2,)).lower(params, tokens, cache, cross).compile()
+        except Exception as e:  # XLA:TPU refuses a program larger than the chip's HBM
+            if target != "tpu" or not _is_oom(e):
+                raise
+            out[name] = dict(compile_s=round(time.perf_counter() - t0, 1), compiler_oom=_oom_text(e))
+            continue
+        out[name] = _memory(compiled, params, target, time.perf_counter() - t0)
+    if train:
+        out["train"] = _train_memory(model_name, config, plan, placement, train_batch, prompt_len)
+    if target == "tpu":
+        capacity = _chip_hbm(plan)
+    else:
+        capacity = DEVICE_MEMORY.get(plan.devices or "")
+    steps = [s for s in ("decode", "prefill") if "peak_gb" in out[s]]
+    oom = [s for s in ("decode", "prefill") if "compiler_oom" in out[s]]
+    out["peak_gb"] = max((out[s]["peak_gb"] for s in steps), default=None)
+    out["raw_peak_gb"] = max((out[s]["raw_peak_gb"] for s in steps), default=None)
     if capacity is not None:
         budget = HEADROOM * capacity
         out["budget_gb"] = budget / GB
-        out["fits"] = out["peak_gb"] * GB <= budget
-        if not out["fits"]:
-            step = max(("decode", "prefill"), key=lambda s: out[s]["peak_gb"])
+        out["fits"] = not oom and out["peak_gb"] * GB <= budget
+        if oom:
+            out["why"] = f"{oom[0]}: XLA:TPU refuses: {out[oom[0]]['compiler_oom']}" + (
+                f" (weights alone {weights / GB:.1f} GB > {budget / GB:.1f} GB)" if weights > budget else ""
+            )
+        elif not out["fits"]:
+            step = max(steps, key=lambda s: out[s]["peak_gb"])
             temp = out[step]["temp_gb_without_upcast"]
             out["why"] = (
                 f"{step} peak {out['peak_gb']:.1f} > {budget / GB:.1f} GB = weights {weights / GB:.1f} + KV cache "
                 f"{kv_bytes / GB:.1f} + {step} temporaries {temp:.1f}"
                 + (" (the weights alone exceed it)" if weights > budget else "")
             )
+        if train and "peak_gb" in out["train"]:
+            out["train"]["fits"] = out["train"]["peak_gb"] * GB <= budget
+    if target == "cpu":  # the CPU table's column names (committed results/memory_plan.json)
+        out["xla_cpu_peak_gb"] = out.pop("raw_peak_gb")
+        for s in steps:
+            out[s]["xla_cpu_peak_gb"] = out[s].pop("raw_peak_gb")
+        for key in ("target", "topology", "attention_impl"):
+            out.pop(key)
+    return out
+
+
+def _memory(compiled, params, target: str, seconds: float) -> dict:
+    """One compiled step's per-device memory analysis, in GB; on CPU less XLA:CPU's f32 weight upcasts."""
+    mem = compiled.memory_analysis()
+    raw = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+    raw += mem.temp_size_in_bytes
+    hlo = compiled.as_text()
+    upcast = _cpu_weight_upcasts(hlo, params) if target == "cpu" else 0
+    out = dict(
+        compile_s=round(seconds, 1),
+        argument_gb=mem.argument_size_in_bytes / GB,
+        output_gb=mem.output_size_in_bytes / GB,
+        alias_gb=mem.alias_size_in_bytes / GB,
+        temp_gb=mem.temp_size_in_bytes / GB,
+        raw_peak_gb=raw / GB,
+    )
+    if target == "cpu":
+        out["cpu_weight_upcast_gb"] = upcast / GB
+    else:
+        out["f32_weight_copies_gb"] = _f32_weight_copies(hlo, params) / GB
+    out.update(temp_gb_without_upcast=(mem.temp_size_in_bytes - upcast) / GB, peak_gb=(raw - upcast) / GB)
+    return out
+
+
+def _train_memory(model_name: str, config, plan, placement, batch: int, seq_len: int) -> dict:
+    """A full fine-tuning step (AdamW, full remat) on ``[batch, seq_len]`` tokens: memory analysis, or the
+    compiler's refusal."""
+    from experiments.scaling_steps import Case, build_train
+
+    batch = -(-batch // plan.batch_shards) * plan.batch_shards
+    case = Case(model_name, plan.name, batch, seq_len, "train", "bfloat16", "scanned", 0, "full", "full")
+    step = build_train(config, case, placement, jnp.bfloat16)
+    out = dict(batch=batch, seq_len=seq_len, mode="full", remat="full")
+    out.update(weights_gb=step.weights / GB, optimizer_state_gb=step.state / GB)
+    t0 = time.perf_counter()
+    try:
+        compiled = jax.jit(step.fn, donate_argnums=step.donate).lower(*step.args).compile()
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        out.update(compile_s=round(time.perf_counter() - t0, 1), compiler_oom=_oom_text(e))
+        return out
+    mem = compiled.memory_analysis()
+    raw = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+    out.update(
+        compile_s=round(time.perf_counter() - t0, 1),
+        argument_gb=mem.argument_size_in_bytes / GB,
+        temp_gb=mem.temp_size_in_bytes / GB,
+        peak_gb=raw / GB,
+    )
     return out
 
 
@@ -187,13 +350,52 @@ def _row(r: dict) -> str:
     )
 
 
+def _gb(d: dict, key: str) -> str:
+    return f"{d[key]:.2f}" if key in d else "refused"
+
+
+def _row_tpu(r: dict) -> str:
+    fits = {True: "yes", False: f"**no** ({r.get('why', '')})", None: "—"}[r.get("fits")]
+    peak = "—" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+    f32 = max(r[s].get("f32_weight_copies_gb", 0.0) for s in ("decode", "prefill"))
+    train = r.get("train")
+    if train is None:
+        t = "—"
+    elif "peak_gb" in train:
+        t = f"{train['peak_gb']:.2f} ({'fits' if train['fits'] else '**no**'})"
+    else:
+        t = "**no** (refused: " + train["compiler_oom"].split("RESOURCE_EXHAUSTED: ")[-1][:120] + ")"
+    return (
+        f"| {r['model']} | `{r['plan']}` | {r['weights_gb']:.2f} | {r['kv_cache_gb']:.2f} | {r['cross_kv_gb']:.2f} | "
+        f"{_gb(r['decode'], 'temp_gb')} | {_gb(r['prefill'], 'temp_gb')} | {peak} | {f32:.2f} | "
+        f"{r.get('budget_gb', float('nan')):.1f} | {fits} | {t} |"
+    )
+
+
+def _libtpu_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("libtpu")
+    except Exception:  # not installed, or no metadata
+        return ""
+
+
 def main(argv):
     del argv
-    runs = [(m, p) for m in MODELS for p in TOPOLOGIES] if _ALL.value else [(_MODEL.value, _PLAN.value)]
+    tpu = _TARGET.value == "tpu"
+    attention_impl = _ATTENTION.value or "auto"
+    plans = TPU_PLANS if tpu else TOPOLOGIES
+    runs = [(m, p) for m in MODELS for p in plans] if _ALL.value else [(_MODEL.value, _PLAN.value)]
+    train = _TRAIN.value if _TRAIN.value is not None else (tpu and _ALL.value)
     rows = []
     for model_name, plan_name in runs:
-        r = plan_memory(model_name, plan_name, _BATCH.value, _CACHE.value, _PROMPT.value, _IMAGES.value)
-        print(_row(r), f"(compile {r['decode']['compile_s']} + {r['prefill']['compile_s']} s)", flush=True)
+        r = plan_memory(
+            model_name, plan_name, _BATCH.value, _CACHE.value, _PROMPT.value, _IMAGES.value,
+            target="tpu" if tpu else "cpu", attention_impl=attention_impl, train=train, train_batch=_TRAIN_BATCH.value,
+        )  # fmt: skip
+        times = [str(r[s]["compile_s"]) for s in ("decode", "prefill", "train") if s in r]
+        print((_row_tpu if tpu else _row)(r), f"(compile {' + '.join(times)} s)", flush=True)
         rows.append(r)
     record = {
         "machine": machine(),
@@ -201,9 +403,33 @@ def main(argv):
         "command": "python -m experiments.memory_plan " + " ".join(sys.argv[1:]),
         "rows": rows,
     }
-    name = "memory_plan.json" if _ALL.value else f"memory_plan_{_MODEL.value}_{os.path.basename(_PLAN.value)}.json"
+    if tpu:
+        record.update(target="XLA:TPU (libtpu) ahead of time for each plan's TPU slice", libtpu=_libtpu_version())
+    stem = "memory_plan_tpu" if tpu else "memory_plan"
+    name = f"{stem}.json" if _ALL.value else f"{stem}_{_MODEL.value}_{os.path.basename(_PLAN.value)}.json"
     write_result(record, name)
-    if _ALL.value:
+    if _ALL.value and tpu:
+        header = (
+            "| model | plan | weights GB | KV cache GB | cross K/V GB | decode temp GB | prefill temp GB | "
+            "peak GB / chip | f32 weight copies GB | budget GB | fits | train step peak GB |\n" + "|---" * 12 + "|\n"
+        )
+        text = (
+            f"# Memory plans on TPU (per chip, XLA:TPU, bf16, batch {_BATCH.value}, {_CACHE.value}-slot KV cache, "
+            f"{_PROMPT.value}-token prefill, {_IMAGES.value} image of 4 tiles for the vision models; batch "
+            "rounded up to one sequence per data-parallel replica)\n\n"
+            f"`{record['command']}` on {record['machine']}, jax {jax.__version__}, libtpu {record['libtpu']}: "
+            "compiled by XLA:TPU for each plan's TPU slice (`llama32_jax.sharding.tpu.plan_mesh`) ahead of time on "
+            f"this host, `compiled.memory_analysis()` of one chip; attention `{attention_impl}` (auto: Pallas kernels "
+            'on a TPU mesh). Budget: the chip\'s HBM (`tpu.CHIPS`) less 10%. "refused": XLA:TPU would not compile '
+            "the step (RESOURCE_EXHAUSTED: it cannot fit the chip's HBM). Train step: full fine-tuning, AdamW, "
+            f"full remat, batch {_TRAIN_BATCH.value} (per data-parallel replica) x {_PROMPT.value} tokens "
+            "(weights + optimiser state + temporaries). The CPU table is `memory_plan.md`; docs/performance.md "
+            "compares them.\n\n" + header + "\n".join(_row_tpu(r) for r in rows) + "\n"
+        )
+        with open(os.path.join(RESULTS_DIR, "memory_plan_tpu.md"), "w") as f:
+            f.write(text)
+        print(json.dumps({"written": "experiments/results/memory_plan_tpu.md"}))
+    elif _ALL.value:
         header = (
             "| model | plan | weights GB | KV cache GB | cross K/V GB | decode temp GB | prefill temp GB | "
             "peak GB / device | XLA:CPU raw peak GB | budget GB | fits |\n" + "|---" * 11 + "|\n"

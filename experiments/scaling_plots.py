@@ -137,3 +137,91 @@ def plot(out_dir: str, roofline_device: str = "H100", fallback_peaks: tuple[floa
 def _peaks(kind: str, fallback: tuple[float, float]) -> tuple[float, float]:
     found = table_peaks(kind)
     return found[1:] if found is not None else fallback
+
+
+TPU_LABEL = "XLA:TPU compiler estimate, not a measurement"
+
+
+def plot_tpu(out_dir: str) -> list[str]:
+    """``--target=tpu`` plots from ``out_dir/scaling.csv``: ``est_roofline.png`` (per chip generation: arithmetic
+    intensity against the estimated FLOP/s per chip, under that chip's ceilings) and ``est_throughput.png``
+    (estimated tokens/s and MFU, or for decode the share of the HBM roofline, per plan). Every number plotted is
+    the compiler's estimate (``est_step_s``), and the titles and legends say so."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{k: number(v) for k, v in r.items()} for r in read_rows(os.path.join(out_dir, "scaling.csv"))]
+    rows = [r for r in rows if r["status"] == "ok" and isinstance(r.get("est_step_s"), float)]
+    models = sorted({r["model"] for r in rows})
+    plans = sorted({r["plan"] for r in rows})
+    colour = {m: f"C{i}" for i, m in enumerate(models)}
+    phase_marker = {"prefill": "o", "decode": "s", "train": "^"}
+    kinds = sorted({r["target_device"] for r in rows}) or ["TPU v5e"]
+
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.2 * len(kinds), 4.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        mine = [r for r in rows if r["target_device"] == kind]
+        peak = mine[0]["peak_tflops"] * 1e12 if mine else 1.0
+        bandwidth = mine[0]["bandwidth_tbs"] * 1e12 if mine else 1.0
+        points = []
+        for r in mine:
+            flops = r["xla_flops_fit"] if isinstance(r.get("xla_flops_fit"), float) else r["xla_flops"]
+            nbytes = r["xla_bytes_fit"] if isinstance(r.get("xla_bytes_fit"), float) else r["xla_bytes"]
+            if not (flops > 0 and nbytes > 0):
+                continue
+            points.append(flops / nbytes)
+            filled = r["estimate_source"].startswith("XLA:TPU optimal")
+            ax.scatter(flops / nbytes, flops / r["est_step_s"], s=26, alpha=0.8, marker=phase_marker[r["phase"]],
+                       c=colour[r["model"]] if filled else "none", edgecolors=colour[r["model"]])  # fmt: skip
+        if points:
+            lo, hi = min(points) / 4, max(max(points) * 4, 4 * peak / bandwidth)
+            xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+            ax.plot(xs, [min(peak, x * bandwidth) for x in xs], "k-", lw=1.2)
+            ax.text(lo * 1.1, peak * 1.1, f"{peak / 1e12:g} TFLOP/s, {bandwidth / 1e12:g} TB/s", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{kind} (per chip)", fontsize=9)
+        ax.set_xlabel("XLA flops / bytes accessed per chip (depth fit)")
+        ax.set_ylabel("XLA flops / estimated step time")
+        ax.grid(True, which="both", alpha=0.2)
+    handles = [plt.Line2D([], [], color=colour[m], marker="o", ls="", label=m) for m in models]
+    handles += [plt.Line2D([], [], color="grey", marker=mk, ls="", label=ph) for ph, mk in phase_marker.items()]
+    handles += [plt.Line2D([], [], color="grey", marker="o", mfc="none", ls="", label="roofline fallback")]
+    fig.legend(handles=handles, fontsize=7, loc="upper right", title=TPU_LABEL, title_fontsize=7)
+    fig.suptitle(f"Roofline per TPU chip: {TPU_LABEL}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.82, 0.93))
+    roof = os.path.join(out_dir, "est_roofline.png")
+    fig.savefig(roof, dpi=120)
+    plt.close(fig)
+
+    phases = [p for p in PHASES if any(r["phase"] == p for r in rows)] or ["prefill"]
+    fig, axes = plt.subplots(2, len(phases), figsize=(4.6 * len(phases), 7.2), squeeze=False)
+    shapes = sorted({(r["batch"], r["seq_len"]) for r in rows})
+    shape_marker = {s: "osD^v<>ph*X"[i % 11] for i, s in enumerate(shapes)}
+    for j, phase in enumerate(phases):
+        second = ("est_hbm_util", "HBM roofline share") if phase == "decode" else ("est_mfu", "MFU")
+        for i, (col, label) in enumerate((("est_tokens_per_s", "tokens/s"), second)):
+            ax = axes[i][j]
+            for r in rows:
+                if r["phase"] == phase and isinstance(r.get(col), float):
+                    x = plans.index(r["plan"]) + 0.12 * (models.index(r["model"]) - (len(models) - 1) / 2)
+                    marker = shape_marker[r["batch"], r["seq_len"]]
+                    ax.scatter(x, r[col], c=colour[r["model"]], marker=marker, s=24, alpha=0.85)
+            ax.set_xticks(range(len(plans)), plans, fontsize=7, rotation=15)
+            ax.set_yscale("log")
+            ax.set_title(f"{phase}: estimated {label}", fontsize=9)
+            ax.grid(True, which="both", alpha=0.2)
+    handles = [plt.Line2D([], [], color=colour[m], marker="o", ls="", label=m) for m in models]
+    handles += [
+        plt.Line2D([], [], color="grey", marker=mk, ls="", label=f"batch {b}, seq {t}")
+        for (b, t), mk in shape_marker.items()
+    ]
+    fig.legend(handles=handles, fontsize=7, loc="upper right", title=TPU_LABEL, title_fontsize=7)
+    fig.suptitle(f"TPU plans, compiled ahead of time: {TPU_LABEL}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.84, 0.95))
+    thr = os.path.join(out_dir, "est_throughput.png")
+    fig.savefig(thr, dpi=120)
+    plt.close(fig)
+    return [roof, thr]

@@ -66,6 +66,7 @@ Tests run this script as a subprocess (tests/sharding/test_scaling_study.py): so
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import itertools
@@ -116,9 +117,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from experiments import cli, memory_plan  # noqa: E402
+from experiments import cli, memory_plan, scaling_tpu  # noqa: E402
 from experiments.results_io import PEAKS, RESULTS_DIR, machine, table_peaks  # noqa: E402
-from experiments.scaling_plots import PHASES, number, plot, read_rows  # noqa: E402
+from experiments.scaling_plots import PHASES, number, plot, plot_tpu, read_rows  # noqa: E402
 from experiments.scaling_steps import (  # noqa: E402
     FLOP_CONVENTION,
     Case,
@@ -131,6 +132,7 @@ from experiments.scaling_steps import (  # noqa: E402
     xla_cost,
 )
 from llama32_jax import configs, sharding  # noqa: E402
+from llama32_jax.sharding import tpu  # noqa: E402
 
 GB = memory_plan.GB
 _MODELS = flags.DEFINE_list(
@@ -155,12 +157,17 @@ _MAX_HOST_GB = flags.DEFINE_float("max_host_gb", 0.0, "skip measuring on CPU abo
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.2, "dense TFLOP/s per device of a kind not in PEAKS (CPU)")
 _BANDWIDTH = flags.DEFINE_float("bandwidth_tbs", 0.04, "memory TB/s per device of a kind not in PEAKS (CPU)")
 _TARGET = flags.DEFINE_string("target_device", "H100", "CPU rows: device kind for the roofline and 'fits' budget")
-_OUT_DIR = flags.DEFINE_string("out_dir", os.path.join(RESULTS_DIR, "scaling"), "CSV, JSON and plots go here")
+_COMPILE_TARGET = memory_plan._TARGET  # --target: host (default) or tpu (compiled per plan's TPU slice, estimates)
+_ATTENTION = memory_plan._ATTENTION  # --attention_impl: empty = auto on host, xla on --target=tpu
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", "", "CSV, JSON and plots go here (default experiments/results/scaling, or scaling_tpu for --target=tpu)"
+)
 _RESUME = flags.DEFINE_bool("resume", True, "skip rows already in the CSV (false: start a new CSV)")
 _MAX_SECONDS = flags.DEFINE_float("max_seconds", 0.0, "start no row after this many seconds (0: no limit)")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "only re-draw the plots from the CSV in --out_dir")
 
 KEY = ("platform", "model", "plan", "batch", "seq_len", "phase", "dtype", "layout", "images", "train_mode", "remat")
+KEY_TPU = (*KEY, "attention_impl")  # --target=tpu rows (their own CSV) also differ by attention implementation
 COLUMNS = (
     *KEY,
     *("devices", "mesh", "device_kind", "status", "reason", "tokens", "lower_s", "compile_s", "fit_compile_s"),
@@ -169,6 +176,7 @@ COLUMNS = (
     *("cpu_upcast_gb", "peak_gb", "xla_flops", "xla_bytes", "xla_flops_fit", "xla_bytes_fit", "analytic_flops"),
     *("step_s", "tokens_per_s", "tflops_per_device", "mfu", "hbm_util", "peak_tflops", "bandwidth_tbs"),
 )
+COLUMNS_TPU = (*COLUMNS[: len(KEY)], "attention_impl", *COLUMNS[len(KEY) :], *scaling_tpu.COLUMNS)
 XLA_CONVENTION = (
     "xla_flops / xla_bytes: compiled.cost_analysis() 'flops' / 'bytes accessed' of ONE device's SPMD program, every "
     "loop body counted once (a scanned layer stack = one layer or group; attention over more than 1024 queries = "
@@ -219,11 +227,31 @@ def _budget(plan, device, peak_gb: float) -> dict:
     return {"target_device": kind, "budget_gb": round(budget, 2), "fits": peak_gb <= budget}
 
 
-def run_case(case: Case, platform_name: str, measure: bool, dtype) -> dict:
+AOT = "tpu-aot"  # the platform of --target=tpu rows: compiled for a TPU slice from this host, never run
+
+
+def _devices(plan) -> list:
+    """The devices a row compiles for: the plan's TPU slice (``--target=tpu``), else this host's."""
+    if _COMPILE_TARGET.value == "tpu":
+        if plan.topology is None:
+            raise Skip(f"plan {plan.name!r} names no TPU topology; TPU plans: {', '.join(tpu.tpu_plans())}")
+        return list(tpu.plan_mesh(plan).devices.flat)
+    return jax.devices()
+
+
+def _compile(step):
+    t0 = time.perf_counter()
+    lowered = jax.jit(step.fn, donate_argnums=step.donate).lower(*step.args)
+    t1 = time.perf_counter()
+    return lowered.compile(), round(t1 - t0, 3), round(time.perf_counter() - t1, 3)
+
+
+def run_case(case: Case, platform_name: str, measure: bool, dtype, attention_impl: str = "auto") -> dict:
     """Compile (and maybe time) one row; raises :class:`Skip` when it cannot run here."""
     config = configs.get_config(case.model).replace(scan_layers=case.layout == "scanned")
     plan = sharding.load_plan(case.plan)
-    devices = jax.devices()
+    aot = platform_name == AOT
+    devices = _devices(plan)
     if len(devices) < plan.size:
         raise Skip(f"plan needs {plan.size} devices, {len(devices)} available")
     if case.batch % plan.batch_shards:
@@ -232,40 +260,80 @@ def run_case(case: Case, platform_name: str, measure: bool, dtype) -> dict:
         sharding.validate(config, plan)
     except sharding.PlanError as e:
         raise Skip(str(e)) from None
-    placement = sharding.Placement(plan, sharding.make_mesh(plan, devices))
+    mesh = tpu.plan_mesh(plan) if aot else sharding.make_mesh(plan, devices)
+    placement = sharding.Placement(plan, mesh)
     kind = devices[0].device_kind
     row: dict[str, Any] = dict(devices=plan.size, mesh=json.dumps(plan.mesh_dict), device_kind=kind)
-    step = build(config, case, placement, dtype, _DECODE_SLOTS.value)
-    t0 = time.perf_counter()
-    lowered = jax.jit(step.fn, donate_argnums=step.donate).lower(*step.args)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    row.update(lower_s=round(t1 - t0, 3), compile_s=round(time.perf_counter() - t1, 3))
+    tokens = case.batch * (1 if case.phase == "decode" else case.seq_len)
+    flops = analytic_flops(config, case.phase, case.batch, case.seq_len, case.images, case.train_mode)
+    row.update(tokens=tokens, analytic_flops=flops)
+    step = build(config, case, placement, dtype, _DECODE_SLOTS.value, attention_impl)
+    row.update(weights_gb=step.weights / GB, state_gb=step.state / GB, read_gb=step.read / GB)
+    if aot:
+        chip = tpu.chip(plan.devices or kind)
+        row.update(topology=plan.topology, peak_tflops=chip.peak_bf16_flops / 1e12)
+        row.update(bandwidth_tbs=chip.hbm_bandwidth / 1e12)
+        row.update(target_device=chip.plan_devices, budget_gb=round(memory_plan.HEADROOM * chip.hbm_bytes / GB, 2))
+    try:
+        compiled, row["lower_s"], row["compile_s"] = _compile(step)
+    except Exception as e:
+        if not (aot and scaling_tpu.is_out_of_memory(e)):
+            raise
+        row.update(fits=False, reason="XLA:TPU: " + scaling_tpu.oom_summary(e), estimate_source="none: does not fit")
+        return row
     mem = compiled.memory_analysis()
     total = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
     upcast = memory_plan._cpu_weight_upcasts(compiled.as_text(), step.params) if platform_name == "cpu" else 0
     row.update(
-        weights_gb=step.weights / GB, state_gb=step.state / GB, read_gb=step.read / GB,
         argument_gb=mem.argument_size_in_bytes / GB, output_gb=mem.output_size_in_bytes / GB,
         alias_gb=mem.alias_size_in_bytes / GB, temp_gb=mem.temp_size_in_bytes / GB, total_gb=total / GB,
         cpu_upcast_gb=upcast / GB, peak_gb=(total - upcast) / GB,
     )  # fmt: skip
-    row.update(_budget(plan, devices[0], row["peak_gb"]))
-    flops, nbytes = xla_cost(compiled)
-    row.update(xla_flops=flops, xla_bytes=nbytes)
-    tokens = case.batch * (1 if case.phase == "decode" else case.seq_len)
-    flops = analytic_flops(config, case.phase, case.batch, case.seq_len, case.images, case.train_mode)
-    row.update(tokens=tokens, analytic_flops=flops)
-    if _DEPTH_FIT.value:
+    if aot:
+        row["fits"] = row["peak_gb"] <= row["budget_gb"]
+    else:
+        row.update(_budget(plan, devices[0], row["peak_gb"]))
+    full = scaling_tpu.cost(compiled) if aot else None
+    row["xla_flops"], row["xla_bytes"] = xla_cost(compiled)
+    fits = None
+    if _DEPTH_FIT.value and (not aot or row["fits"]):
         t2 = time.perf_counter()
-        costs = []
+        costs, fits, blocked = [], [], not aot
         for units in (1, 2):
-            small = build(at_depth(config, units), case, placement, dtype, _DECODE_SLOTS.value)
-            costs.append(xla_cost(jax.jit(small.fn, donate_argnums=small.donate).lower(*small.args).compile()))
+            small = build(at_depth(config, units), case, placement, dtype, _DECODE_SLOTS.value, attention_impl)
+            try:
+                with contextlib.nullcontext() if blocked else scaling_tpu.unblocked_queries():
+                    small_compiled = _compile(small)[0]
+            except Exception as e:  # unblocked attention's [B, N, T, T] scores can exceed the chip's HBM
+                if blocked or not scaling_tpu.is_out_of_memory(e):
+                    raise
+                blocked, costs, fits = True, [], []
+                small_compiled = _compile(small)[0]
+                if units == 2:
+                    one = build(at_depth(config, 1), case, placement, dtype, _DECODE_SLOTS.value, attention_impl)
+                    one_compiled = _compile(one)[0]
+                    costs.append(xla_cost(one_compiled))
+                    fits.append(scaling_tpu.cost(one_compiled))
+            costs.append(xla_cost(small_compiled))
+            if aot:
+                fits.append(scaling_tpu.cost(small_compiled))
         (f1, b1), (f2, b2) = costs
         n = depth_units(config)
         row.update(xla_flops_fit=f1 + (n - 1) * (f2 - f1), xla_bytes_fit=b1 + (n - 1) * (b2 - b1))
         row["fit_compile_s"] = round(time.perf_counter() - t2, 3)
+    if aot:
+        if not row["fits"]:
+            row.update(estimate_source="none: does not fit", reason=f"peak {row['peak_gb']:.2f} GB > budget")
+            return row
+        row.update(scaling_tpu.estimate(full, fits or None, depth_units(config), chip))
+        if fits and blocked:
+            row["estimate_source"] += "; query blocks counted once (the unblocked fit compile ran out of HBM)"
+        est = row["est_step_s"]
+        row.update(est_tokens_per_s=tokens / est, est_mfu=flops / est / (plan.size * chip.peak_bf16_flops))
+        if case.phase == "decode":
+            row["hbm_read_s"] = step.read / chip.hbm_bandwidth
+            row["est_hbm_util"] = row["hbm_read_s"] / est
+        return row
     if measure:
         if platform_name == "cpu" and total * plan.size > _host_budget():
             row["reason"] = f"not timed: {total / GB * plan.size:.1f} GB over the devices > host budget"
@@ -283,21 +351,26 @@ def run_case(case: Case, platform_name: str, measure: bool, dtype) -> dict:
 # ------------------------------------------------------------------------------------------------ CSV, JSON
 
 
+def _tpu() -> bool:
+    return _COMPILE_TARGET.value == "tpu"
+
+
 def _key(row: dict) -> tuple[str, ...]:
-    return tuple(str(row.get(k, "")) for k in KEY)
+    return tuple(str(row.get(k, "")) for k in (KEY_TPU if _tpu() else KEY))
 
 
 def _append(path: str, row: dict) -> None:
     """Append one row and flush it to disk (a new or differently-headed file gets the header first)."""
+    columns = COLUMNS_TPU if _tpu() else COLUMNS
     existing = read_rows(path)
-    if existing and list(existing[0]) != list(COLUMNS):  # an older layout: rewrite it in this one
+    if existing and list(existing[0]) != list(columns):  # an older layout: rewrite it in this one
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+            w = csv.DictWriter(f, columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(existing)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
     with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, columns, extrasaction="ignore")
         if new:
             w.writeheader()
         w.writerow({k: ("" if v is None else v) for k, v in row.items()})
@@ -348,8 +421,18 @@ def sweep(out_dir: str) -> list[dict]:
                 os.remove(name)
     _repair(path)
     done = {_key(r): r["status"] for r in read_rows(path)}
-    platform_name = jax.devices()[0].platform
-    measure = {"auto": platform_name != "cpu", "true": True, "false": False}[_MEASURE.value]
+    attention_impl = _ATTENTION.value or ("xla" if _tpu() else "auto")
+    if _tpu():
+        platform_name, measure = AOT, False  # nothing can run on an ahead-of-time TPU topology
+        if _MEASURE.value == "true":
+            raise app.UsageError("--measure=true with --target=tpu: nothing runs on a compile-only TPU topology")
+        known = tpu.tpu_plans()
+        for plan in _PLANS.value:
+            if sharding.load_plan(plan).topology is None:
+                raise sharding.PlanError(f"--plans: {plan!r} names no TPU topology; with --target=tpu use {known}")
+    else:
+        platform_name = jax.devices()[0].platform
+        measure = {"auto": platform_name != "cpu", "true": True, "false": False}[_MEASURE.value]
     dtype = jnp.dtype(_DTYPE.value)
     for phase in _PHASES.value:
         if phase not in PHASES:
@@ -361,14 +444,18 @@ def sweep(out_dir: str) -> list[dict]:
     todo = cases()
     for i, case in enumerate(todo):
         row = {"platform": platform_name, **dataclasses.asdict(case)}
-        if done.get(_key(row)) in ("ok", "skipped"):
+        if _tpu() or _ATTENTION.value:  # the host CSV's rows from before the flag have no attention_impl
+            row["attention_impl"] = attention_impl
+        if done.get(_key(row)) in ("ok", "skipped", "does_not_fit"):
             continue
         if _MAX_SECONDS.value and time.perf_counter() - t_start > _MAX_SECONDS.value:
             print(f"--max_seconds reached: {len(todo) - i} rows left for a resumed run", flush=True)
             break
         t0 = time.perf_counter()
         try:
-            row.update(run_case(case, platform_name, measure, dtype), status="ok")
+            row.update(run_case(case, platform_name, measure, dtype, attention_impl), status="ok")
+            if row.get("fits") is False and platform_name == AOT:
+                row["status"] = "does_not_fit"
         except Skip as e:
             row.update(status="skipped", reason=" ".join(str(e).split()))
         except Exception as e:  # recorded; a resumed run tries it again
@@ -382,6 +469,8 @@ def sweep(out_dir: str) -> list[dict]:
             if row["status"] == "ok"
             else row["reason"]
         )
+        if row.get("est_step_s"):
+            what += f", est. {row['est_step_s'] * 1e3:.2f} ms ({row['estimate_source'].split(' ')[0]})"
         where = f"[{i + 1}/{len(todo)} {time.perf_counter() - t0:.1f} s]"
         print(where, *dataclasses.astuple(case), f"{row['status']} ({what})", flush=True)
     return computed
@@ -393,6 +482,7 @@ def write_json(out_dir: str) -> str:
         for r in read_rows(os.path.join(out_dir, "scaling.csv"))
     ]
     flag_names = [f.name for f in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__])]
+    flag_names += ["target", "attention_impl"]  # defined in memory_plan, shared
     path = os.path.join(out_dir, "scaling.json")
     command = "python -m experiments.scaling_study " + " ".join(sys.argv[1:])
     commands = []  # every run that added rows to this CSV (a resumed or extended sweep), oldest first
@@ -407,7 +497,13 @@ def write_json(out_dir: str) -> str:
         "command": command,
         "commands": commands,
         "flags": {name: flags.FLAGS[name].value for name in flag_names},
-        "conventions": {"flops": FLOP_CONVENTION, "xla": XLA_CONVENTION, "memory": MEMORY_CONVENTION},
+        "conventions": {
+            "flops": FLOP_CONVENTION,
+            "xla": XLA_CONVENTION,
+            "memory": MEMORY_CONVENTION,
+            **({"tpu": scaling_tpu.CONVENTION} if _tpu() else {}),
+        },
+        **({"libtpu": _libtpu_version(), "label": scaling_tpu.LABEL} if _tpu() else {}),
         "peaks": {key: {"tflops": tf, "tbs": tbs} for key, tf, tbs in PEAKS},
         "rows": rows,
     }
@@ -416,13 +512,25 @@ def write_json(out_dir: str) -> str:
     return path
 
 
+def _libtpu_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("libtpu")
+    except Exception:  # not installed, or no metadata
+        return ""
+
+
 def main(argv):
     del argv
-    out_dir = _OUT_DIR.value
+    out_dir = _OUT_DIR.value or os.path.join(RESULTS_DIR, "scaling_tpu" if _tpu() else "scaling")
     if not _PLOT_ONLY.value:
         computed = sweep(out_dir)
         print(f"{len(computed)} rows computed; wrote", write_json(out_dir), flush=True)
-    print("wrote", *plot(out_dir, _TARGET.value, fallback_peaks=(_PEAK_TFLOPS.value, _BANDWIDTH.value)))
+    if _tpu():
+        print("wrote", *plot_tpu(out_dir))
+    else:
+        print("wrote", *plot(out_dir, _TARGET.value, fallback_peaks=(_PEAK_TFLOPS.value, _BANDWIDTH.value)))
 
 
 if __name__ == "__main__":

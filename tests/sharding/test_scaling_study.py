@@ -141,3 +141,48 @@ def test_depth_fit_timing_and_replot(tmp_path):
     out = _run(tmp_path, "--plot_only")
     assert "rows computed" not in out
     _check_pngs(tmp_path)
+
+
+def test_tpu_target_row_is_a_labelled_compiler_estimate(tmp_path):
+    """--target=tpu: one 1B decode row compiled by XLA:TPU for tpu-v5e-8, its estimate columns and labels."""
+    from tests.conftest import require
+
+    require("libtpu")
+    args = ["--target=tpu", "--models=Llama-3.2-1B", "--plans=tpu-v5e-8", "--batches=8", "--seq_lens=256"]
+    _run(tmp_path, *args, "--phases=decode")
+    (r,) = _rows(tmp_path)
+    assert (r["platform"], r["attention_impl"], r["topology"], r["status"]) == ("tpu-aot", "xla", "v5e:2x4", "ok")
+    assert (r["target_device"], r["fits"], r["devices"]) == ("TPU v5e", "True", "8")
+    assert (float(r["peak_tflops"]), float(r["bandwidth_tbs"])) == (197.0, 0.819)  # tpu.CHIPS["v5e"]
+    assert r["step_s"] == r["tokens_per_s"] == r["mfu"] == ""  # nothing was run
+    # XLA:TPU's raw optimal_seconds counts -1 s per ConcatBitcast; corrected it is a (small) positive time.
+    raw, uncosted = float(r["xla_optimal_s"]), int(r["uncosted_ops"])
+    assert raw + uncosted > 0 and int(r["pallas_calls"]) == 0
+    est, roof = float(r["est_step_s"]), float(r["roofline_s"])
+    flops, nbytes = float(r["xla_flops_fit"]), float(r["xla_bytes_fit"])
+    assert roof == pytest.approx(max(flops / 197e12, nbytes / 0.819e12))
+    if r["estimate_source"].startswith("XLA:TPU optimal_seconds"):
+        assert est == pytest.approx(float(r["est_optimal_s_fit"])) and est >= 0.95 * roof
+    else:
+        assert r["estimate_source"].startswith("roofline") and est == roof
+    assert r["estimate_source"].endswith("depth fit")
+    assert float(r["est_tokens_per_s"]) == pytest.approx(8 / est)
+    assert float(r["est_mfu"]) == pytest.approx(_llama_1b_decode_flops(8, 256) / est / (8 * 197e12))
+    assert float(r["hbm_read_s"]) == pytest.approx(float(r["read_gb"]) * 1e9 / 0.819e12)
+    assert float(r["est_hbm_util"]) == pytest.approx(float(r["hbm_read_s"]) / est)
+    # 1B over 8 chips: weights are 2.47 GB / 8 (+ replicated norms); the flops one chip runs, depth-fitted, are
+    # within a few percent of our analytic count / 8 (XLA also counts norms, softmax, RoPE).
+    assert float(r["weights_gb"]) == pytest.approx(0.309, abs=0.001)
+    assert flops == pytest.approx(_llama_1b_decode_flops(8, 256) / 8, rel=0.05)
+    record = json.loads((tmp_path / "scaling.json").read_text())
+    assert record["label"] == "XLA:TPU compiler estimate, not a measurement" and record["libtpu"]
+    assert "ConcatBitcast" in record["conventions"]["tpu"]
+    for name in ("est_roofline.png", "est_throughput.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 10_000, name
+
+
+def _llama_1b_decode_flops(b: int, t: int) -> float:
+    """MaxText FLOPs of one Llama-3.2-1B decode step (D=2048, N=32, K=8, H=64, F=8192, V=128256, L=16)."""
+    layer = 2 * (2048 * (32 + 2 * 8) * 64 + 32 * 64 * 2048 + 3 * 2048 * 8192)
+    return b * (16 * (layer + 4 * 32 * 64 * t) + 2 * 2048 * 128256)
