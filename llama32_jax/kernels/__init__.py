@@ -109,6 +109,35 @@ def check_qkv(op: str, q, k, v, keys: str = "S") -> tuple[int, int, int, int, in
     return b, t, n, h, kv_heads, s
 
 
+def mxu_precision(dtype) -> jax.lax.Precision:
+    """The explicit precision of a TPU kernel's matmul on ``dtype`` operands: ``HIGHEST`` for fp32 when the session
+    asks for full fp32 matmuls (``jax_default_matmul_precision`` "highest" / "float32" / "fp32"), else ``DEFAULT``.
+
+    Never None: a dot without a precision takes the session's default, and Mosaic rejects ``HIGHEST`` (fp32
+    contraction) on 16-bit operands ("Bad lhs type") and anything but DEFAULT / HIGHEST; the interpreter accepts
+    both, so only the real TPU compile showed it. For 16-bit operands (exact products, fp32 accumulation) the
+    precision changes nothing in the result."""
+    name = str(jax.config.jax_default_matmul_precision or "").lower()
+    full = jnp.dtype(dtype) == jnp.float32 and name in ("highest", "float32", "fp32")
+    return jax.lax.Precision.HIGHEST if full else jax.lax.Precision.DEFAULT
+
+
+VMEM_LANES = 128  # a VMEM tile is (8 * packing) sublanes x 128 lanes of 32-bit words
+
+
+def vmem_array_bytes(shape: tuple[int, ...], dtype) -> int:
+    """The VMEM bytes of one ``shape`` array of ``dtype`` as Mosaic lays it out: the last dim padded to 128 lanes,
+    the second-to-last to the sublane tile (8 rows of 32-bit words: 8 for fp32, 16 for bf16), leading dims
+    multiplied. A ``(block_q, 1)`` fp32 column takes ``block_q x 128 x 4`` bytes."""
+    dtype = jnp.dtype(dtype)
+    *lead, rows, cols = (1, *shape) if len(shape) == 1 else shape
+    sublanes = 8 * max(1, 4 // dtype.itemsize)
+    n = -(-rows // sublanes) * sublanes * (-(-cols // VMEM_LANES) * VMEM_LANES) * dtype.itemsize
+    for d in lead:
+        n *= d
+    return n
+
+
 def split_blocks(lo, hi, split, *, block_k: int, num_splits: int):
     """The key blocks ``[first, stop)`` that split ``split`` processes (empty when ``stop <= first``).
 

@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from llama32_jax.kernels import mxu_precision, vmem_array_bytes
+
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 512
@@ -45,6 +47,43 @@ def choose_blocks(rows: int, n_v: int, block_q: int | None, block_k: int | None)
     bq = DEFAULT_BLOCK_Q if block_q is None else block_q
     bk = DEFAULT_BLOCK_K if block_k is None else block_k
     return min(bq, pl.cdiv(rows, ROW_ALIGN) * ROW_ALIGN), min(bk, n_v)
+
+
+def vmem_bytes(kernel: str, block_q: int, block_k: int, head_dim: int, n_tiles: int, dtype) -> int:
+    """Estimated VMEM of one ``kernel`` (``"forward"``, ``"dq"`` or ``"dkdv"``) configuration: in/out blocks twice
+    (double-buffered; the ``[block_q, C]`` fp32 row mask among them), the scratch, the fp32 ``(block_q, block_k)``
+    score tiles (``s``/``p``, plus ``dp``/``ds`` in the backward) with their casts to ``dtype``, and the zeroed
+    ragged K/V copies."""
+    f32 = jnp.float32
+
+    def a(rows, cols, dt=dtype):
+        return vmem_array_bytes((rows, cols), dt)
+
+    row, key, col, mask = a(block_q, head_dim), a(block_k, head_dim), a(block_q, 1, f32), a(block_q, n_tiles, f32)
+    tile, tile_in = a(block_q, block_k, f32), a(block_q, block_k)
+    if kernel == "forward":
+        blocks = row + 2 * key + mask + row + col
+        scratch = 2 * col + a(block_q, head_dim, f32)
+        values = 2 * tile + tile_in + 2 * key
+    elif kernel == "dq":
+        blocks = 2 * row + 2 * key + mask + 2 * col + row
+        scratch = a(block_q, head_dim, f32)
+        values = 3 * tile + tile_in + 2 * key
+    elif kernel == "dkdv":
+        blocks = 2 * row + 2 * key + mask + 2 * col + 2 * key
+        scratch = 2 * a(block_k, head_dim, f32)
+        values = 3 * tile + 2 * tile_in + 2 * key
+    else:
+        raise ValueError(f"kernel must be 'forward', 'dq' or 'dkdv', got {kernel!r}")
+    return 2 * blocks + scratch + values
+
+
+def _dot_general(a, b, dims, *, preferred_element_type):
+    return lax.dot_general(a, b, dims, precision=mxu_precision(a.dtype), preferred_element_type=preferred_element_type)
+
+
+def _dot(a, b, *, preferred_element_type):
+    return _dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=preferred_element_type)
 
 
 def _visible(mask, start, block_k: int, *, tokens_per_tile: int, n_span: int):
@@ -86,7 +125,7 @@ def _fwd_kernel(live_ref, count_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_r
     def _step():
         start = live_ref[(b * nq + i) * nk + j] * block_k
         k, v = _kv_rows(k_ref, v_ref, start, n_v)
-        s = lax.dot_general(q_ref[...], k, NT, preferred_element_type=jnp.float32) * kw["scale"]
+        s = _dot_general(q_ref[...], k, NT, preferred_element_type=jnp.float32) * kw["scale"]
         vis = _visible(mask_ref[...], start, block_k, **kw["tiles"])
         s = jnp.where(vis, s, MASK_VALUE)
         m_prev = m_sc[...]
@@ -94,7 +133,7 @@ def _fwd_kernel(live_ref, count_ref, q_ref, k_ref, v_ref, mask_ref, o_ref, lse_r
         alpha = jnp.exp(m_prev - m_new)
         p = jnp.where(vis, jnp.exp(s - m_new), 0.0)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc_sc[...] = alpha * acc_sc[...] + _dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         m_sc[...] = m_new
 
     @pl.when(j == nk - 1)
@@ -172,12 +211,12 @@ def _dq_kernel(live_ref, count_ref, q_ref, k_ref, v_ref, mask_ref, do_ref, lse_r
     def _step():
         start = live_ref[(b * nq + i) * nk + j] * block_k
         k, v = _kv_rows(k_ref, v_ref, start, kw["n_v"])
-        s = lax.dot_general(q_ref[...], k, NT, preferred_element_type=jnp.float32) * kw["scale"]
+        s = _dot_general(q_ref[...], k, NT, preferred_element_type=jnp.float32) * kw["scale"]
         vis = _visible(mask_ref[...], start, block_k, **kw["tiles"])
         p = jnp.where(vis, jnp.exp(s - lse_ref[...]), 0.0)
-        dp = lax.dot_general(do_ref[...], v, NT, preferred_element_type=jnp.float32)
+        dp = _dot_general(do_ref[...], v, NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta_ref[...])
-        dq_sc[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
+        dq_sc[...] += _dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -201,13 +240,13 @@ def _dkdv_kernel(
     def _step():
         k, v = _kv_rows(k_ref, v_ref, start, kw["n_v"])
         q, do = q_ref[...], do_ref[...]
-        s = lax.dot_general(q, k, NT, preferred_element_type=jnp.float32) * kw["scale"]
+        s = _dot_general(q, k, NT, preferred_element_type=jnp.float32) * kw["scale"]
         vis = _visible(mask_ref[...], start, block_k, **kw["tiles"])
         p = jnp.where(vis, jnp.exp(s - lse_ref[...]), 0.0)
-        dv_sc[...] += lax.dot_general(p.astype(do.dtype), do, TN, preferred_element_type=jnp.float32)
-        dp = lax.dot_general(do, v, NT, preferred_element_type=jnp.float32)
+        dv_sc[...] += _dot_general(p.astype(do.dtype), do, TN, preferred_element_type=jnp.float32)
+        dp = _dot_general(do, v, NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta_ref[...])
-        dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, TN, preferred_element_type=jnp.float32)
+        dk_sc[...] += _dot_general(ds.astype(q.dtype), q, TN, preferred_element_type=jnp.float32)
 
     @pl.when(i == nq - 1)
     def _finish():

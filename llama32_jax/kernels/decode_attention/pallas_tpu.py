@@ -29,7 +29,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from llama32_jax.errors import InvalidInputError
-from llama32_jax.kernels import split_blocks
+from llama32_jax.kernels import mxu_precision, split_blocks, vmem_array_bytes
 
 LANES = 128
 LONG_CACHE = 8192  # from this cache length on, 1024-key blocks halve the grid steps
@@ -79,6 +79,22 @@ def plan(
     if num_splits is None:
         num_splits = pl.cdiv(PROGRAMS, batch * kv_heads)
     return block_k, min(num_splits, n_blocks)
+
+
+def vmem_bytes(rows: int, block_k: int, head_dim: int, dtype) -> int:
+    """Estimated VMEM of the kernel for ``rows = T * G`` grouped rows and ``block_k``: the query block, K/V blocks
+    and the three partial outputs, each twice (double-buffered); the scratch; the fp32 ``[R, block_k]`` scores and
+    probabilities, the probabilities in ``dtype`` and the masked V copy."""
+    f32, tile = jnp.float32, _sublanes(dtype)
+    r_pad = pl.cdiv(rows, tile) * tile
+
+    def a(r, c, dt=dtype):
+        return vmem_array_bytes((r, c), dt)
+
+    blocks = a(r_pad, head_dim) + 2 * a(block_k, head_dim) + a(r_pad, head_dim, f32) + 2 * a(r_pad, LANES, f32)
+    scratch = 2 * a(r_pad, LANES, f32) + a(r_pad, head_dim, f32)
+    values = 2 * a(r_pad, block_k, f32) + a(r_pad, block_k) + a(block_k, head_dim)
+    return 2 * blocks + scratch + values
 
 
 def decode_partials(
@@ -162,7 +178,10 @@ def _kernel(
 
     @pl.when(block < stop)
     def _compute():
-        s = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        precision = mxu_precision(q_ref.dtype)
+        s = jax.lax.dot_general(
+            q_ref[...], k_ref[...], (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
         s = s * scale  # [R, block_k]
         key = block * block_k + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
         row = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
@@ -178,7 +197,9 @@ def _kernel(
         m_scr[...] = m_new
         v_key = block * block_k + jax.lax.broadcasted_iota(jnp.int32, v_ref.shape, 0)
         v = jnp.where((v_key >= lo) & (v_key < hi), v_ref[...], 0)  # the ragged tail block holds garbage
-        pv = jax.lax.dot_general(p_blk.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+        pv = jax.lax.dot_general(
+            p_blk.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+        )
         acc_scr[...] = acc_scr[...] * alpha[:, :1] + pv
 
     @pl.when(step == steps - 1)

@@ -181,7 +181,10 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _plan(kernels, *, rows, keys, block_q, block_k, flavour, **static) -> _Plan:
+def plan_blocks(flavour: str, *, rows: int, keys: int, block_q=None, block_k=None):
+    """``((forward rows, keys), (backward rows, keys))``: the blocks the ``flavour``'s kernels run with for ``rows``
+    grouped query rows (``T * G``) and ``keys`` keys, given ``block_q`` / ``block_k`` (None: the defaults)."""
+    kernels = _flavour(flavour)
     _check_block("block_q", block_q, kernels.ALIGN, flavour)
     _check_block("block_k", block_k, kernels.ALIGN, flavour)
     blocks = []
@@ -189,7 +192,11 @@ def _plan(kernels, *, rows, keys, block_q, block_k, flavour, **static) -> _Plan:
         bq = _fit(block_q or default_q, rows, kernels.ALIGN)
         bk = _fit(block_k or default_k, keys, kernels.ALIGN)
         blocks.append((bq, bk))
-    (fq, fk), (bq, bk) = blocks
+    return tuple(blocks)
+
+
+def _plan(kernels, *, rows, keys, block_q, block_k, flavour, **static) -> _Plan:
+    (fq, fk), (bq, bk) = plan_blocks(flavour, rows=rows, keys=keys, block_q=block_q, block_k=block_k)
     return _Plan(
         flavour=flavour,
         forward_blocks=(fq, fk),

@@ -36,6 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from llama32_jax.kernels import mxu_precision, vmem_array_bytes
 from llama32_jax.nn.attention import MASK_VALUE
 
 # Smallest block (a sublane tile) and the default (rows, keys) blocks of the forward and backward kernels.
@@ -46,19 +47,12 @@ BACKWARD_BLOCKS = (256, 256)
 _NT = (((1,), (1,)), ((), ()))  # a . b^T
 
 
-def _precision(dtype):
-    """HIGHEST when the session asks for full fp32 matmuls, else the MXU default."""
-    name = str(jax.config.jax_default_matmul_precision or "").lower()
-    full = dtype == jnp.float32 and name in ("highest", "float32", "fp32")
-    return lax.Precision.HIGHEST if full else None
-
-
 def _nt(a, b):
-    return lax.dot_general(a, b, _NT, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
+    return lax.dot_general(a, b, _NT, precision=mxu_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
 def _nn(a, b):
-    return lax.dot(a, b, precision=_precision(a.dtype), preferred_element_type=jnp.float32)
+    return lax.dot(a, b, precision=mxu_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
 def _visible(i, j, block_q, block_k, off, lo, hi, groups: int, causal: bool):
@@ -101,6 +95,35 @@ def _load_keys(ref, j, block_k: int, keys: int):
         inside = j * block_k + lax.broadcasted_iota(jnp.int32, x.shape, 0) < keys
         x = jnp.where(inside, x, jnp.zeros_like(x))
     return x
+
+
+def vmem_bytes(kernel: str, block_q: int, block_k: int, head_dim: int, dtype) -> int:
+    """Estimated VMEM of one ``kernel`` (``"forward"``, ``"dq"`` or ``"dkv"``) configuration: every in/out block
+    twice (Pallas double-buffers them), the scratch, and the big per-step values: the ``(block_q, block_k)`` score
+    tiles (fp32 ``s``/``p``, and ``dp``/``ds`` in the backward, plus their casts to ``dtype`` for the MXU) and the
+    zeroed ragged K/V copies. Mosaic's own spill space for smaller values comes on top."""
+    f32 = jnp.float32
+
+    def a(rows, cols, dt=dtype):
+        return vmem_array_bytes((rows, cols), dt)
+
+    row, key, col = a(block_q, head_dim), a(block_k, head_dim), a(block_q, 1, f32)
+    tile, tile_in = a(block_q, block_k, f32), a(block_q, block_k)
+    if kernel == "forward":
+        blocks = row + 2 * key + row + col  # in: q, k, v; out: o, lse
+        scratch = 2 * col + a(block_q, head_dim, f32)
+        values = 2 * tile + tile_in + 2 * key
+    elif kernel == "dq":
+        blocks = 2 * row + 2 * key + 2 * col + row  # in: q, k, v, do, lse, delta; out: dq
+        scratch = a(block_q, head_dim, f32)
+        values = 3 * tile + tile_in + 2 * key
+    elif kernel == "dkv":
+        blocks = 2 * row + 2 * key + 2 * col + 2 * key  # out: dk, dv
+        scratch = 2 * a(block_k, head_dim, f32)
+        values = 3 * tile + 2 * a(block_k, block_q) + 2 * key  # p.T and ds.T in dtype
+    else:
+        raise ValueError(f"kernel must be 'forward', 'dq' or 'dkv', got {kernel!r}")
+    return 2 * blocks + scratch + values
 
 
 def _params(semantics):
