@@ -3,8 +3,10 @@
 Interpret mode runs a kernel's semantics but not its lowering: a primitive the Triton or Mosaic lowering does not
 support, a block shape Mosaic refuses, or a scalar read Triton cannot express only shows up when the kernel is
 lowered for the real platform. ``jax.jit(...).trace(...).lower(lowering_platforms=(...,))`` runs Pallas' Triton
-and Mosaic lowerings on this CPU machine (the device compilers themselves, ptxas or Mosaic's backend passes, still
-need the hardware). ``decode_attention`` has the same checks in its own suite.
+and Mosaic lowerings on this CPU machine. The GPU compiler itself (ptxas) still needs the hardware; the TPU one
+does not: ``tests/tpu/test_kernels_compile.py`` compiles every TPU kernel with libtpu's XLA:TPU and Mosaic, which
+is where bf16 kernels were first refused (docs/tpu-kernels.md). ``decode_attention`` has the same lowering checks
+in its own suite.
 """
 
 from __future__ import annotations
