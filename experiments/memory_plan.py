@@ -77,6 +77,9 @@ _ATTENTION = flags.DEFINE_enum(
 )  # fmt: skip
 _TRAIN = flags.DEFINE_bool("train", None, "also compile a full fine-tuning step (default: with --target=tpu --all)")
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 1, "sequences per training step (--train)")
+_TRAIN_PLANS = flags.DEFINE_list(
+    "train_plans", ["tpu-v5e-8", "tpu-v5p-16"], "--all --train: the plans that also compile the training step"
+)
 
 GB = 1e9
 # Device memory (bytes) by device kind; "fits" leaves 10% headroom for the runtime and fragmentation.
@@ -199,7 +202,12 @@ def plan_memory(
     batch = -(-batch // plan.batch_shards) * plan.batch_shards  # a data-parallel plan needs a batch per replica
     model = abstract_model(config, param_dtype=jnp.bfloat16)
     placement = sharding.Placement(plan, mesh)
-    model.placement = placement
+    if target == "tpu":  # as shard_model: the attention modules too, so that "auto" sees the TPU mesh (Pallas)
+        for _, node in nnx.iter_graph(model):
+            if isinstance(node, nnx.Module) and hasattr(node, "placement"):
+                node.placement = placement
+    else:
+        model.placement = placement
     set_attention_impl(model, attention_impl)
     graphdef, state = nnx.split(model)
     pure = nnx.to_pure_dict(state)
@@ -357,7 +365,8 @@ def _gb(d: dict, key: str) -> str:
 def _row_tpu(r: dict) -> str:
     fits = {True: "yes", False: f"**no** ({r.get('why', '')})", None: "—"}[r.get("fits")]
     peak = "—" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
-    f32 = max(r[s].get("f32_weight_copies_gb", 0.0) for s in ("decode", "prefill"))
+    copies = [r[s]["f32_weight_copies_gb"] for s in ("decode", "prefill") if "f32_weight_copies_gb" in r[s]]
+    f32 = f"{max(copies):.2f}" if copies else "—"
     train = r.get("train")
     if train is None:
         t = "—"
@@ -367,9 +376,39 @@ def _row_tpu(r: dict) -> str:
         t = "**no** (refused: " + train["compiler_oom"].split("RESOURCE_EXHAUSTED: ")[-1][:120] + ")"
     return (
         f"| {r['model']} | `{r['plan']}` | {r['weights_gb']:.2f} | {r['kv_cache_gb']:.2f} | {r['cross_kv_gb']:.2f} | "
-        f"{_gb(r['decode'], 'temp_gb')} | {_gb(r['prefill'], 'temp_gb')} | {peak} | {f32:.2f} | "
+        f"{_gb(r['decode'], 'temp_gb')} | {_gb(r['prefill'], 'temp_gb')} | {peak} | {f32} | "
         f"{r.get('budget_gb', float('nan')):.1f} | {fits} | {t} |"
     )
+
+
+def write_tpu_table(record: dict) -> str:
+    """``results/memory_plan_tpu.md`` from the ``--target=tpu --all`` record (also re-drawn from its JSON alone)."""
+    rows, first = record["rows"], record["rows"][0]
+    header = (
+        "| model | plan | weights GB | KV cache GB | cross K/V GB | decode temp GB | prefill temp GB | "
+        "peak GB / chip | f32 weight copies GB | budget GB | fits | train step peak GB |\n" + "|---" * 12 + "|\n"
+    )
+    text = (
+        f"# Memory plans on TPU (per chip, XLA:TPU, bf16, batch {first['batch']}, {first['cache_len']}-slot KV "
+        f"cache, {first['prompt_len']}-token prefill, 1 image of 4 tiles for the vision models; batch rounded up "
+        "to one sequence per data-parallel replica)\n\n"
+        f"`{record['command']}` on {record['machine']}, jax {record['jax']}, libtpu {record['libtpu']}: "
+        "compiled by XLA:TPU for each plan's TPU slice (`llama32_jax.sharding.tpu.plan_mesh`) ahead of time on "
+        f"this host, `compiled.memory_analysis()` of one chip; attention `{record['attention_impl']}` (auto: the "
+        'Pallas kernels on a TPU mesh). Budget: the chip\'s HBM (`tpu.CHIPS`) less 10%. "refused": XLA:TPU '
+        "would not compile the step (RESOURCE_EXHAUSTED: it cannot fit the chip's HBM). f32 weight copies: f32 "
+        "buffers shaped like a bf16 weight shard in the optimized HLO (XLA:CPU's upcasts; none on TPU). Train "
+        f"step: full fine-tuning, AdamW, full remat, batch {record['train_batch']} (per data-parallel replica) x "
+        f"{first['prompt_len']} tokens, on {', '.join(record['train_plans'])} (weights + optimiser state + "
+        "temporaries). The CPU table is `memory_plan.md`; docs/performance.md compares them.\n\n"
+        + header
+        + "\n".join(_row_tpu(r) for r in rows)
+        + "\n"
+    )
+    path = os.path.join(RESULTS_DIR, "memory_plan_tpu.md")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
 def _libtpu_version() -> str:
@@ -392,7 +431,8 @@ def main(argv):
     for model_name, plan_name in runs:
         r = plan_memory(
             model_name, plan_name, _BATCH.value, _CACHE.value, _PROMPT.value, _IMAGES.value,
-            target="tpu" if tpu else "cpu", attention_impl=attention_impl, train=train, train_batch=_TRAIN_BATCH.value,
+            target="tpu" if tpu else "cpu", attention_impl=attention_impl, train_batch=_TRAIN_BATCH.value,
+            train=train and (not _ALL.value or plan_name in _TRAIN_PLANS.value),
         )  # fmt: skip
         times = [str(r[s]["compile_s"]) for s in ("decode", "prefill", "train") if s in r]
         print((_row_tpu if tpu else _row)(r), f"(compile {' + '.join(times)} s)", flush=True)
@@ -405,30 +445,12 @@ def main(argv):
     }
     if tpu:
         record.update(target="XLA:TPU (libtpu) ahead of time for each plan's TPU slice", libtpu=_libtpu_version())
+        record.update(attention_impl=attention_impl, train_plans=_TRAIN_PLANS.value, train_batch=_TRAIN_BATCH.value)
     stem = "memory_plan_tpu" if tpu else "memory_plan"
     name = f"{stem}.json" if _ALL.value else f"{stem}_{_MODEL.value}_{os.path.basename(_PLAN.value)}.json"
     write_result(record, name)
     if _ALL.value and tpu:
-        header = (
-            "| model | plan | weights GB | KV cache GB | cross K/V GB | decode temp GB | prefill temp GB | "
-            "peak GB / chip | f32 weight copies GB | budget GB | fits | train step peak GB |\n" + "|---" * 12 + "|\n"
-        )
-        text = (
-            f"# Memory plans on TPU (per chip, XLA:TPU, bf16, batch {_BATCH.value}, {_CACHE.value}-slot KV cache, "
-            f"{_PROMPT.value}-token prefill, {_IMAGES.value} image of 4 tiles for the vision models; batch "
-            "rounded up to one sequence per data-parallel replica)\n\n"
-            f"`{record['command']}` on {record['machine']}, jax {jax.__version__}, libtpu {record['libtpu']}: "
-            "compiled by XLA:TPU for each plan's TPU slice (`llama32_jax.sharding.tpu.plan_mesh`) ahead of time on "
-            f"this host, `compiled.memory_analysis()` of one chip; attention `{attention_impl}` (auto: Pallas kernels "
-            'on a TPU mesh). Budget: the chip\'s HBM (`tpu.CHIPS`) less 10%. "refused": XLA:TPU would not compile '
-            "the step (RESOURCE_EXHAUSTED: it cannot fit the chip's HBM). Train step: full fine-tuning, AdamW, "
-            f"full remat, batch {_TRAIN_BATCH.value} (per data-parallel replica) x {_PROMPT.value} tokens "
-            "(weights + optimiser state + temporaries). The CPU table is `memory_plan.md`; docs/performance.md "
-            "compares them.\n\n" + header + "\n".join(_row_tpu(r) for r in rows) + "\n"
-        )
-        with open(os.path.join(RESULTS_DIR, "memory_plan_tpu.md"), "w") as f:
-            f.write(text)
-        print(json.dumps({"written": "experiments/results/memory_plan_tpu.md"}))
+        print(json.dumps({"written": write_tpu_table(record)}))
     elif _ALL.value:
         header = (
             "| model | plan | weights GB | KV cache GB | cross K/V GB | decode temp GB | prefill temp GB | "
