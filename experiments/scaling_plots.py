@@ -189,9 +189,9 @@ def plot_tpu(out_dir: str) -> list[str]:
     handles = [plt.Line2D([], [], color=colour[m], marker="o", ls="", label=m) for m in models]
     handles += [plt.Line2D([], [], color="grey", marker=mk, ls="", label=ph) for ph, mk in phase_marker.items()]
     handles += [plt.Line2D([], [], color="grey", marker="o", mfc="none", ls="", label="roofline fallback")]
-    fig.legend(handles=handles, fontsize=7, loc="upper right", title=TPU_LABEL, title_fontsize=7)
-    fig.suptitle(f"Roofline per TPU chip: {TPU_LABEL}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.82, 0.93))
+    fig.legend(handles=handles, fontsize=7, loc="center right", title=TPU_LABEL, title_fontsize=7)
+    fig.suptitle(f"Roofline per TPU chip: {TPU_LABEL}", fontsize=10, x=0.4)
+    fig.tight_layout(rect=(0, 0, 0.8, 0.93))
     roof = os.path.join(out_dir, "est_roofline.png")
     fig.savefig(roof, dpi=120)
     plt.close(fig)
@@ -218,9 +218,9 @@ def plot_tpu(out_dir: str) -> list[str]:
         plt.Line2D([], [], color="grey", marker=mk, ls="", label=f"batch {b}, seq {t}")
         for (b, t), mk in shape_marker.items()
     ]
-    fig.legend(handles=handles, fontsize=7, loc="upper right", title=TPU_LABEL, title_fontsize=7)
-    fig.suptitle(f"TPU plans, compiled ahead of time: {TPU_LABEL}", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 0.84, 0.95))
+    fig.legend(handles=handles, fontsize=7, loc="center right", title=TPU_LABEL, title_fontsize=7)
+    fig.suptitle(f"TPU plans, compiled ahead of time: {TPU_LABEL}", fontsize=10, x=0.4)
+    fig.tight_layout(rect=(0, 0, 0.76, 0.95))
     thr = os.path.join(out_dir, "est_throughput.png")
     fig.savefig(thr, dpi=120)
     plt.close(fig)

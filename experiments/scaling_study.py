@@ -8,6 +8,9 @@
         --seq_lens=2048,8192 --out_dir=$OUT/scaling
     .venv/bin/python -m experiments.scaling_study --models=tiny-text --plans=single,fsdp --measure=true  # CPU timing
     .venv/bin/python -m experiments.scaling_study --plot_only      # re-draw the plots from the CSV
+    # XLA:TPU for each TPU plan's slice, ahead of time on this host: memory and the compiler's step-time estimates
+    nice .venv/bin/python -m experiments.scaling_study --target=tpu --models=Llama-3.2-1B \\
+        --plans=tpu-v5e-8,tpu-v5p-16,tpu-v6e-8,tpu-v5e-16 --batches=1,8 --seq_lens=2048,8192   # -> results/scaling_tpu/
 
 Each row compiles one step ahead of time, ``jax.jit(step).lower(ShapeDtypeStruct(..., sharding=NamedSharding))``,
 on the plan's mesh (on a CPU host ``plan.size`` simulated devices, configured here before JAX starts from the
@@ -55,6 +58,14 @@ the commands that filled the CSV, conventions and every row.
 device's compute and bandwidth ceilings (achieved FLOP/s where timed, else XLA's estimate: the roofline bound
 itself, labelled so), and ``throughput_vs_devices.png`` (tokens/s, or on CPU per-device memory and compile time,
 against the device count, by plan). ``--max_seconds`` stops starting rows after that long (resume later).
+
+``--target=tpu`` (``experiments.scaling_tpu`` has the details): every row compiled by XLA:TPU for its plan's TPU
+slice (``sharding.tpu.plan_mesh``; platform ``tpu-aot``, attention ``--attention_impl``, default ``xla``), nothing
+run; "fits" against the chip's HBM (``tpu.CHIPS``) less 10%, a step the compiler refuses for lack of HBM is
+``does_not_fit``; the estimate columns (``est_step_s`` from ``optimal_seconds`` corrected for its -1 s
+``ConcatBitcast`` sentinels and depth-fitted, else the roofline; ``estimate_source`` says which; ``est_tokens_per_s``,
+``est_mfu``, decode ``hbm_read_s`` / ``est_hbm_util``) are compiler estimates, not measurements. Outputs go to
+``experiments/results/scaling_tpu/`` (``est_roofline.png``, ``est_throughput.png``).
 
 Modules: this one holds the flags, the sweep, running a row, the CSV and the JSON; ``scaling_steps`` the row key
 (:class:`Case`), the analytic FLOPs and the steps built, compiled and timed; ``scaling_plots`` the CSV read back and
