@@ -204,6 +204,23 @@ def markdown(record: dict) -> str:
         f"`cost_analysis()['optimal_seconds']` is negative in {len(neg)} of {len(ok)} rows "
         f"({sum(1 for r in neg if r['kernels'])} of them with Pallas kernels): not a time, not reported here.",
         "",
+        "What the compiled programs show (the checks, tests/tpu/hlo.py `Expected`): under these pure tensor-parallel "
+        "plans the only collectives are all-reduces: per self-attention layer two of the `[B, T, D]` residual "
+        "stream (attention output projection, MLP down projection) in the scan body, two more per cross-attention "
+        "block, and one per vocab-sharded embedding table outside the scan (masked lookup + all-reduce; the vision "
+        "models' text table and learnable image-token table are all-reduced together). No all-gather anywhere: "
+        "not of weights, not of the KV cache (split by kv head like the queries), and the vocab-sharded head's "
+        "logits leave the step vocab-sharded (`[B, 1, V/8]` per chip) with no collective. Training adds three "
+        "all-reduces per layer in the backward scan (the input gradients of the column-parallel q/k/v and "
+        "gate/up projections, and the remat recompute's attention output projection) and the vocab-sharded "
+        "cross-entropy's `[B, T]` sums; weight gradients need no collective under pure tensor parallelism. On "
+        "tpu-v5e-16 (data=2) every trainable shard's gradient is all-reduced over the data pair once, inside the "
+        "backward scan per layer, except a tied embedding table's (1B, 3B): XLA all-reduces its two gradient parts "
+        "(the head's and the lookup's scatter-add) separately before adding them, one extra table shard per step "
+        "(66 MB per chip for 1B). With `pallas` the kernels run once per layer (flash forward; decode; "
+        "cross-attention forward per cross block; in training flash forward twice with remat=full, dq and dkv "
+        "once) and no `[B, N, T, S]` score tensor exists; with `xla` there is one.",
+        "",
     ]
     return "\n".join(lines)
 
