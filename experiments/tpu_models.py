@@ -21,9 +21,10 @@ records:
 - ``memory``: XLA:TPU's ``memory_analysis()`` per chip: argument, output, alias, temporary and generated-code bytes,
   and ``peak = argument + output - alias + temp`` against the chip's HBM (``sharding.tpu.CHIPS``);
 - ``kernels``: Pallas TPU kernel executions per step (``tpu_custom_call`` sites x trip counts);
-- ``checks``: ``tests/tpu/hlo.py``'s ``check`` (what the plan implies: per layer two tensor-group all-reduces of
-  ``[B, T, D]``, the embedding's, the training step's backward and data-group gradient sums, no all-gather of
-  weights or cache, Pallas kernels and no score tensor with ``pallas``): ``passed`` and the problems found;
+- ``checks``: ``experiments/tpu_checks.py``'s ``check`` (what the plan implies: per layer two tensor-group
+  all-reduces of ``[B, T, D]``, the embedding's, the training step's backward and data-group gradient sums, no
+  all-gather of weights or cache, Pallas kernels and no score tensor with ``pallas``): ``passed`` and the problems
+  found;
 - ``xla_cost``: ``cost_analysis()``'s flops, bytes accessed and ``optimal_seconds``, raw, for reference only: XLA
   counts a loop body once, and ``optimal_seconds`` is negative when the program has Pallas custom calls.
 
@@ -44,12 +45,11 @@ import time
 import jax
 from absl import flags
 
-from experiments import cli
+from experiments import cli, hlo_text, tpu_checks
 from experiments.results_io import RESULTS_DIR, machine, write_result
 from llama32_jax import sharding
 from llama32_jax.errors import InvalidInputError
 from llama32_jax.sharding import tpu
-from tests.tpu import hlo
 
 MODELS = ["Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.2-11B-Vision", "Llama-3.2-90B-Vision"]
 PHASES = ["prefill", "decode", "train"]
@@ -78,7 +78,7 @@ def _compile(model: str, plan: str, impl: str, phase: str):
     mesh = tpu.plan_mesh(plan)
     args = (model, plan, mesh, impl, phase, _SEQ.value, _ROWS.value, _SLOTS.value)
     try:
-        return (*hlo.compile_step(*args), None, None)
+        return (*tpu_checks.compile_step(*args), None, None)
     except Exception as e:  # only XLA:TPU's out-of-memory refusal is handled
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
@@ -86,7 +86,7 @@ def _compile(model: str, plan: str, impl: str, phase: str):
     jax.clear_caches()
     for depth in (2, 1):
         try:
-            return (*hlo.compile_step(*args, depth), depth, full_error)
+            return (*tpu_checks.compile_step(*args, depth), depth, full_error)
         except Exception as e:
             if "RESOURCE_EXHAUSTED" not in str(e) or depth == 1:
                 raise
@@ -97,9 +97,9 @@ def _compile(model: str, plan: str, impl: str, phase: str):
 def run_row(model: str, plan: str, impl: str, phase: str) -> dict:
     load = os.getloadavg()[0]
     compiled, expected, seconds, depth, full_error = _compile(model, plan, impl, phase)
-    module = hlo.Module(compiled.as_text())
+    module = hlo_text.Module(compiled.as_text())
     colls = module.collectives()
-    problems = hlo.check(module, expected)
+    problems = tpu_checks.check(module, expected)
     mem = compiled.memory_analysis()
     hbm = tpu.chip(sharding.load_plan(plan).devices).hbm_bytes
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
@@ -121,7 +121,7 @@ def run_row(model: str, plan: str, impl: str, phase: str) -> dict:
         "depth": depth or "full",  # scan units compiled (full, or 2/1 when full depth does not fit)
         "compile_s": round(seconds, 2),
         "load_avg_1m": round(load, 2),
-        "collectives": hlo.summary(colls),
+        "collectives": hlo_text.summary(colls),
         "all_reduces": [
             {
                 "arrays": [str(a) for a in c.results],
@@ -152,7 +152,7 @@ def run_row(model: str, plan: str, impl: str, phase: str) -> dict:
     }
 
 
-def module_trips(module: hlo.Module, loops: tuple[str, ...]) -> int:
+def module_trips(module: hlo_text.Module, loops: tuple[str, ...]) -> int:
     n = 1
     for b in loops:
         n *= module.trip_counts.get(b, 1)
@@ -169,7 +169,7 @@ def markdown(record: dict) -> str:
         "depth, bf16; vision prefill/decode with one 4-tile image, training text only (mode=full, remat=full). "
         "Per chip: memory from `memory_analysis()`, peak = argument + output - alias + temp; collectives per step "
         "(executions x bytes of the larger side). Compile seconds on a shared 2-core host (load average at the "
-        "row's start in the JSON). `checks`: tests/tpu/hlo.py's comparison with what the plan implies.",
+        "row's start in the JSON). `checks`: experiments/tpu_checks.py's comparison with what the plan implies.",
         "",
         "| model | plan | impl | phase | fits (depth) | compile s | all-reduce execs | all-reduce MB | "
         "other collectives | kernels | args GB | temp GB | peak GB | HBM GB | checks |",
@@ -204,9 +204,10 @@ def markdown(record: dict) -> str:
         f"`cost_analysis()['optimal_seconds']` is negative in {len(neg)} of {len(ok)} rows "
         f"({sum(1 for r in neg if r['kernels'])} of them with Pallas kernels): not a time, not reported here.",
         "",
-        "What the compiled programs show (the checks, tests/tpu/hlo.py `Expected`): under these pure tensor-parallel "
-        "plans the only collectives are all-reduces: per self-attention layer two of the `[B, T, D]` residual "
-        "stream (attention output projection, MLP down projection) in the scan body, two more per cross-attention "
+        "What the compiled programs show (the checks, experiments/tpu_checks.py `Expected`): under these pure "
+        "tensor-parallel plans the only collectives are all-reduces: per self-attention layer two of the "
+        "`[B, T, D]` residual stream (attention output projection, MLP down projection) in the scan body, "
+        "two more per cross-attention "
         "block, and one per vocab-sharded embedding table outside the scan (masked lookup + all-reduce; the vision "
         "models' text table and learnable image-token table are all-reduced together). No all-gather anywhere: "
         "not of weights, not of the KV cache (split by kv head like the queries), and the vocab-sharded head's "

@@ -1,7 +1,7 @@
 """Llama 3.2 1B, 3B, 11B-Vision and 90B-Vision compiled by XLA:TPU (libtpu, ahead of time, on this CPU host) under
 every TPU plan in ``sharding/``: a prefill, a decode step and a training step, each with ``attention_impl="pallas"``
 (the Mosaic kernels) and ``"xla"``, checked against what the plan implies in the optimized per-device HLO
-(``tests/tpu/hlo.py``: :class:`~tests.tpu.hlo.Expected` says what and why).
+(``experiments/tpu_checks.py``: :class:`~experiments.tpu_checks.Expected` says what and why).
 
 The models are the real ones (widths, head counts, vocabulary, vision tower and cross-attention layers), with scanned
 layers (``scan_layers=True``: the scan body compiles once, so compile time is nearly flat in depth): 1B, 3B and
@@ -30,8 +30,8 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest
 
+from experiments import hlo_text, tpu_checks
 from llama32_jax import sharding
-from tests.tpu import hlo
 from tests.tpu.conftest import plan_mesh
 
 MODELS = ("Llama-3.2-1B", "Llama-3.2-3B", "Llama-3.2-11B-Vision", "Llama-3.2-90B-Vision")
@@ -71,11 +71,11 @@ def _id(case: tuple[str, str, str, str]) -> str:
 
 @pytest.mark.parametrize(("model", "plan", "impl", "phase"), covering_cases(), ids=[_id(c) for c in covering_cases()])
 def test_model_compiles_with_the_plans_collectives(model, plan, impl, phase):
-    compiled, expected, _ = hlo.compile_step(
+    compiled, expected, _ = tpu_checks.compile_step(
         model, plan, plan_mesh(plan), impl, phase, SEQ_LEN, ROWS, DECODE_SLOTS, DEPTH.get(model)
     )
-    module = hlo.Module(compiled.as_text())
-    problems = hlo.check(module, expected)
+    module = hlo_text.Module(compiled.as_text())
+    problems = tpu_checks.check(module, expected)
     listing = "\n".join(
         f"  {c.kind} {' '.join(map(str, c.results))} group={c.group_size} x{c.trips} in {c.computation}"
         for c in module.collectives()
@@ -140,7 +140,7 @@ replica_groups=mesh['axis_0'=2,'axis_1'=8] {'axis_0'}, to_apply=%add
 
 
 def test_hlo_reader_on_a_hand_written_module():
-    m = hlo.Module(_HLO)
+    m = hlo_text.Module(_HLO)
     assert m.entry == "main.1_spmd"
     assert m.trip_counts == {"body": 12}
     by_name = {c.name: c for c in m.collectives()}
@@ -155,7 +155,7 @@ def test_hlo_reader_on_a_hand_written_module():
     assert [str(a) for a in gather.operands] == ["bf16[8,4]"] and [str(a) for a in gather.results] == ["bf16[64,4]"]
     assert gather.bytes == 64 * 4 * 2
     assert top.group_size == 2 and [str(a) for a in top.results] == ["bf16[2,1,16]", "f32[]"]
-    assert hlo.summary(m.collectives()) == {
+    assert hlo_text.summary(m.collectives()) == {
         "all-reduce": {"sites": 3, "executions": 25, "bytes": 12 * 64 * 2 + 64 + 4},
         "all-gather": {"sites": 1, "executions": 1, "bytes": 512},
     }
@@ -166,12 +166,12 @@ def test_hlo_reader_on_a_hand_written_module():
 
 def test_hlo_check_reports_departures_from_the_plan():
     """``check`` on the hand-written module against a decode step it does not match: every departure named."""
-    e = hlo.Expected(
+    e = tpu_checks.Expected(
         phase="decode", impl="pallas", batch=2, length=1, keys=64, dim=16, vocab=256, heads=1, head_dim=4,
         tensor=8, data=2, groups=12, self_per_group=1, cross_per_group=0, vision_tokens=0, embed_tables=1,
         trainable_elements=0, tied_elements=0, remat="",
     )  # fmt: skip
-    problems = hlo.check(hlo.Module(_HLO), e)
+    problems = tpu_checks.check(hlo_text.Module(_HLO), e)
     text = "\n".join(problems)
     assert "unexpected all-gather all-gather-start bf16[64,4]" in text
     assert "unexpected data-group collective: all-reduce all-reduce.1" in text
