@@ -155,15 +155,11 @@ def _f32_weight_copies(hlo: str, params) -> int:
 
 
 def _tpu_mesh(plan):
-    from llama32_jax.sharding import tpu
-
-    return tpu.plan_mesh(plan)
+    return sharding.tpu.plan_mesh(plan)
 
 
 def _chip_hbm(plan) -> float:
-    from llama32_jax.sharding import tpu
-
-    return tpu.chip(plan.devices).hbm_bytes
+    return sharding.tpu.chip(plan.devices).hbm_bytes
 
 
 def _is_oom(e: Exception) -> bool:
@@ -411,15 +407,6 @@ def write_tpu_table(record: dict) -> str:
     return path
 
 
-def _libtpu_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("libtpu")
-    except Exception:  # not installed, or no metadata
-        return ""
-
-
 def main(argv):
     del argv
     tpu = _TARGET.value == "tpu"
@@ -444,7 +431,8 @@ def main(argv):
         "rows": rows,
     }
     if tpu:
-        record.update(target="XLA:TPU (libtpu) ahead of time for each plan's TPU slice", libtpu=_libtpu_version())
+        record.update(target="XLA:TPU (libtpu) ahead of time for each plan's TPU slice")
+        record.update(libtpu=sharding.tpu.libtpu_version())
         record.update(attention_impl=attention_impl, train_plans=_TRAIN_PLANS.value, train_batch=_TRAIN_BATCH.value)
     stem = "memory_plan_tpu" if tpu else "memory_plan"
     name = f"{stem}.json" if _ALL.value else f"{stem}_{_MODEL.value}_{os.path.basename(_PLAN.value)}.json"

@@ -514,22 +514,13 @@ def write_json(out_dir: str) -> str:
             "memory": MEMORY_CONVENTION,
             **({"tpu": scaling_tpu.CONVENTION} if _tpu() else {}),
         },
-        **({"libtpu": _libtpu_version(), "label": scaling_tpu.LABEL} if _tpu() else {}),
+        **({"libtpu": tpu.libtpu_version(), "label": scaling_tpu.LABEL} if _tpu() else {}),
         "peaks": {key: {"tflops": tf, "tbs": tbs} for key, tf, tbs in PEAKS},
         "rows": rows,
     }
     with open(path, "w") as f:
         json.dump(record, f, indent=1)
     return path
-
-
-def _libtpu_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("libtpu")
-    except Exception:  # not installed, or no metadata
-        return ""
 
 
 def main(argv):

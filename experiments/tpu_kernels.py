@@ -215,15 +215,6 @@ def write_markdown(record: dict, path: str) -> None:
     print("wrote", path)
 
 
-def _libtpu_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("libtpu")
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def main(argv):
     del argv
     out = _OUT.value or os.path.join(RESULTS_DIR, "tpu", "kernels_compile.json")
@@ -239,7 +230,7 @@ def main(argv):
         command="python -m experiments.tpu_kernels " + " ".join(sys.argv[1:]),
         machine=machine(),
         jax=jax.__version__,
-        libtpu=_libtpu_version(),
+        libtpu=tpu.libtpu_version(),
         scoped_vmem_bytes={g: tpu.CHIPS[g].scoped_vmem_bytes for g in tpu.CHIPS},
         vmem_bytes={g: tpu.CHIPS[g].vmem_bytes for g in tpu.CHIPS},
         note="nothing executed; XLA's cost analysis does not count inside the Mosaic kernels",

@@ -34,12 +34,9 @@ between rows), so the product can be computed in several runs.
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other processes on the host may hold libtpu's lock
-
 import itertools
 import json
+import os
 import time
 
 import jax

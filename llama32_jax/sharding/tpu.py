@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import importlib.metadata
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -93,6 +94,14 @@ def has_tpu_chips() -> bool:
 
 def libtpu_installed() -> bool:
     return importlib.util.find_spec("libtpu") is not None
+
+
+def libtpu_version() -> str:
+    """The installed libtpu's version (what the compiler results record), or "" without it."""
+    try:
+        return importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
 
 
 # libtpu's metadata settings, filled in on a host with no TPU chips so that its initialisation stays quiet, and

@@ -22,12 +22,6 @@ with both impls (each plan x impl x phase once, on a different model each time).
 
 from __future__ import annotations
 
-import os
-
-# libtpu takes a process-wide lock file unless told several processes may load it; with pytest -n 2 (and other
-# compiling processes on the host) both workers need it. Nothing executes on a TPU here.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
 import pytest
 
 from experiments import hlo_text, tpu_checks
