@@ -417,7 +417,7 @@ def make_dataset(
         batch counts per epoch can differ, so multi-process runs should use ``num_epochs=None`` and a step count.
       worker_count: grain worker processes (0: everything in this process). With workers, packing runs per worker,
         so the batches differ from ``worker_count=0`` (still deterministic). Marks absl flags parsed if they are not
-        (grain reads one; see ENVIRONMENT.md).
+        (grain's worker start-up reads an absl flag).
       pack: pack several sequences per row (first-fit over ``num_packing_bins`` rows, default ``batch_size``);
         False gives one example per row, right-padded.
       chat_format: overrides the tokenizer's chat format for dialogs.

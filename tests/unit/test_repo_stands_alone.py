@@ -11,7 +11,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 # Spelled in pieces so that this file does not match itself.
 OUTSIDE = re.compile(
-    r"\.\./" + r"shared|shared/" + r"(?:SPEC|DESIGN|PERFORMANCE)|\b(?:SPEC|DESIGN|PERFORMANCE)" + r"(?:\.md|\s*§)"
+    r"\.\./"
+    + r"shared|shared/"
+    + r"(?:SPEC|DESIGN|PERFORMANCE|ENVIRONMENT)"
+    + r"|\b(?:SPEC|DESIGN|PERFORMANCE|ENVIRONMENT)"
+    + r"(?:\.md|\s*§)"
 )
 DOC_REF = re.compile(r"docs/([\w.-]+\.md)")
 
