@@ -42,6 +42,7 @@ from llama32_jax.inputs.image import ImageBatch, preprocess
 from llama32_jax.inputs.tokenizer import HFTokenizer, load_tokenizer
 from llama32_jax.models.build import forward, load_params
 from llama32_jax.nn.attend import set_attention_impl
+from llama32_jax.quant.config import resolve_quantize
 from llama32_jax.sharding.apply import restore_shardings, shard_model, validate
 from llama32_jax.sharding.distributed import to_host
 
@@ -392,6 +393,7 @@ def load(
     attention_impl: str = "auto",
     *,
     scan_layers: bool = False,
+    quantize: Any = None,
     **unknown: Any,
 ) -> Model:
     """Load a checkpoint into a :class:`Model`.
@@ -411,6 +413,13 @@ def load(
     shards); other formats are read on the host, then placed. The model's calls then keep activations, the KV
     cache and the cross-attention inputs on the plan.
 
+    ``quantize``: ``"int8"`` (one scale per output channel) or ``"int4"`` (one per 128 inputs) weight-only
+    quantization of the projections (text decoder, cross-attention blocks, vision tower, untied head), or a
+    :class:`~llama32_jax.quant.QuantConfig` (group size; ``skip=("vision", "head")`` keeps those in ``dtype``).
+    Embeddings and norms stay in ``dtype``. Float weights are quantized one at a time on the host, so the device
+    never holds them. A checkpoint converted with ``--quantize`` is restored as stored; ``quantize`` may then be
+    None or its own setting, anything else is a :class:`~llama32_jax.errors.QuantizationError`.
+
     Bad arguments raise :class:`~llama32_jax.errors.InvalidInputError` naming them (``path`` not a str/PathLike or
     empty, an unknown ``dtype`` -- a name in ``DTYPES`` or the matching dtype object --, ``attention_impl``,
     ``scan_layers`` not a bool, unknown keywords); ``~`` in ``path`` is expanded.
@@ -418,6 +427,7 @@ def load(
     path, dtype = load_arguments(
         path, dtype, attention_impl, scan_layers, unknown, dtypes=DTYPES, attention_impls=ATTENTION_IMPLS
     )
+    quant = resolve_quantize(quantize)
     placement = None
     if mesh is not None:
         placement = sharding.resolve(mesh)
@@ -437,7 +447,7 @@ def load(
             add_bos=ckpt.add_bos,
         )
         return _placed(
-            Model(load_params(config, ckpt.params, param_dtype=param_dtype), tokenizer, source=path),
+            Model(load_params(config, ckpt.params, param_dtype=param_dtype, quant=quant), tokenizer, source=path),
             placement,
             attention_impl,
         )
@@ -452,7 +462,7 @@ def load(
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = load_tokenizer(path) if has_tok else None
         return _placed(
-            Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path),
+            Model(load_params(config, params, param_dtype=param_dtype, quant=quant), tokenizer, source=path),
             placement,
             attention_impl,
         )
@@ -462,7 +472,7 @@ def load(
         has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
         tokenizer = load_tokenizer(path) if has_tok else None
         return _placed(
-            Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path),
+            Model(load_params(config, params, param_dtype=param_dtype, quant=quant), tokenizer, source=path),
             placement,
             attention_impl,
         )
@@ -471,7 +481,7 @@ def load(
         tok_file = os.path.join(path, "tokenizer.model")
         tokenizer = load_tokenizer(tok_file) if os.path.isfile(tok_file) else None
         return _placed(
-            Model(load_params(config, params, param_dtype=param_dtype), tokenizer, source=path),
+            Model(load_params(config, params, param_dtype=param_dtype, quant=quant), tokenizer, source=path),
             placement,
             attention_impl,
         )

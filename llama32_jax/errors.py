@@ -55,3 +55,8 @@ class StorageError(LlamaJaxError, OSError):
 
 class TrainingError(LlamaJaxError, RuntimeError):
     """Training cannot go on: e.g. the loss or gradient was non-finite for several steps in a row."""
+
+
+class QuantizationError(LlamaJaxError, ValueError):
+    """A quantization request is invalid: an unknown ``quantize`` mode or option, an int4 group size that does not
+    divide a weight's input dimension, or a quantized checkpoint loaded with other quantization settings."""

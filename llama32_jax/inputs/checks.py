@@ -330,7 +330,7 @@ def load_arguments(path: Any, dtype: Any, attention_impl: Any, scan_layers: Any,
                    *, dtypes: dict, attention_impls: Sequence[str]) -> tuple[str, str]:  # fmt: skip
     """``lj.load``'s arguments checked: returns ``(path, dtype name)`` with ``~`` expanded in ``path``."""
     if unknown:
-        valid = ["path", "mesh", "dtype", "attention_impl", "scan_layers"]
+        valid = ["path", "mesh", "dtype", "attention_impl", "scan_layers", "quantize"]
         raise InvalidInputError(f"load() got unknown keyword argument(s) {sorted(unknown)}; valid ones are {valid}")
     if isinstance(path, bytes):
         path = os.fsdecode(path)

@@ -15,9 +15,11 @@ from llama32_jax.configs.base import ModelConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.inputs.checks import check_concrete_ids, input_vocab, token_array
 from llama32_jax.models.mllama import Mllama
+from llama32_jax.models.quantize import quantize_model, quantize_tree
 from llama32_jax.models.text import Transformer, check_cache, stack_layers, unstack_layers
 from llama32_jax.nn.cache import KVCache
 from llama32_jax.nn.layers import flatten_tree
+from llama32_jax.quant.config import QuantConfig
 
 
 def model_class(config: ModelConfig) -> type[nnx.Module]:
@@ -33,10 +35,13 @@ def init_model(config: ModelConfig, *, param_dtype=jnp.bfloat16, seed: int = 0) 
     return model_class(config)(config, param_dtype=param_dtype, rngs=nnx.Rngs(seed))
 
 
-def abstract_model(config: ModelConfig, *, param_dtype=jnp.bfloat16) -> nnx.Module:
-    """The model with ``jax.ShapeDtypeStruct`` leaves: shapes, dtypes and axes, no memory allocated."""
+def abstract_model(config: ModelConfig, *, param_dtype=jnp.bfloat16, quant: QuantConfig | None = None) -> nnx.Module:
+    """The model with ``jax.ShapeDtypeStruct`` leaves: shapes, dtypes and axes, no memory allocated; with
+    ``quant``, its quantized form (:mod:`llama32_jax.models.quantize`)."""
     cls = model_class(config)
-    return nnx.eval_shape(lambda: cls(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    if quant is None:
+        return nnx.eval_shape(lambda: cls(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: quantize_model(cls(config, param_dtype=param_dtype, rngs=nnx.Rngs(0)), quant))
 
 
 def param_count(model: nnx.Module) -> int:
@@ -48,12 +53,23 @@ def _path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def load_params(config: ModelConfig, params: Mapping, *, param_dtype=jnp.bfloat16, layout: str = "auto") -> nnx.Module:
+def load_params(
+    config: ModelConfig,
+    params: Mapping,
+    *,
+    param_dtype=jnp.bfloat16,
+    layout: str = "auto",
+    quant: QuantConfig | None = None,
+) -> nnx.Module:
     """Build a model from a nested parameter tree (our names), strictly.
 
     ``params`` may be in the per-layer or the stacked layout (``layout="auto"`` detects it); it is converted to
     the layout ``config.scan_layers`` asks for. Every model parameter must be present with the right shape and no
     extra entry may remain, else :class:`~llama32_jax.errors.CheckpointError` names the path.
+
+    ``quant``: build the quantized model (:mod:`llama32_jax.models.quantize`). Float weights in ``params`` are
+    quantized one at a time (numpy leaves on the host, so the device never holds them); a tree that already holds
+    the quantized values and scales (a quantized checkpoint) is taken as it is.
     """
     layers = params.get("layers", {})
     is_per_layer = bool(layers) and all(isinstance(k, int) for k in layers)
@@ -64,7 +80,9 @@ def load_params(config: ModelConfig, params: Mapping, *, param_dtype=jnp.bfloat1
     elif not config.scan_layers and layout == "stacked":
         params = unstack_layers(dict(params))
 
-    abstract = abstract_model(config, param_dtype=param_dtype)
+    if quant is not None:
+        params = quantize_tree(config, params, quant)
+    abstract = abstract_model(config, param_dtype=param_dtype, quant=quant)
     graphdef, state = nnx.split(abstract)
     target = flatten_tree(nnx.to_pure_dict(state))
     given = flatten_tree(params)
@@ -84,6 +102,12 @@ def load_params(config: ModelConfig, params: Mapping, *, param_dtype=jnp.bfloat1
         if tuple(np.shape(value)) != tuple(spec.shape):
             raise CheckpointError(
                 f"parameter {_path_str(path)}: shape {tuple(np.shape(value))} does not match the model's {spec.shape}"
+            )
+        if np.issubdtype(np.dtype(value.dtype), np.integer) != np.issubdtype(np.dtype(spec.dtype), np.integer):
+            what = "quantized" if np.issubdtype(np.dtype(value.dtype), np.integer) else "float"
+            raise CheckpointError(
+                f"parameter {_path_str(path)} holds {what} values ({np.dtype(value.dtype).name}) where the model "
+                f"expects {np.dtype(spec.dtype).name}: load a quantized checkpoint with its own quantize setting"
             )
         values[path] = jnp.asarray(value, dtype=spec.dtype)
     nested: dict = {}

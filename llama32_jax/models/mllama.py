@@ -93,6 +93,9 @@ class MllamaText(nnx.Module):
             )
         self.norm = RMSNorm(t.dim, t.norm_eps, dtype=param_dtype, rngs=rngs)
         self.lm_head = make_param(rngs, (t.vocab_size, t.dim), (dims.VOCAB, dims.EMBED), param_dtype)
+        self.quant_config = None  # weight-only quantization (llama32_jax.models.quantize)
+        self.head_quant = None
+        self.lm_head_scale = nnx.data(None)
         self.placement = None  # set by llama32_jax.sharding.shard_model
         self.remat = "none"  # activation checkpointing per block in training (text.REMAT_POLICIES)
 
@@ -135,7 +138,7 @@ class MllamaText(nnx.Module):
             h, new_kv = self._run_groups(h, step, cache, cross_args)
         else:
             h, new_kv = self._run_unrolled(h, step, cache, cross_args)
-        head = lambda h: head_logits(h, self.lm_head)  # noqa: E731
+        head = lambda h: head_logits(h, self.lm_head, self.lm_head_scale, self.head_quant)  # noqa: E731
         return decoder_output(self, head, h, cache, new_kv, step.index + length, last_only=last_only)
 
     def _run_unrolled(self, h, step: StepInputs, cache, cross_args: CrossStep | None):

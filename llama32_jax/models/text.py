@@ -22,6 +22,7 @@ from llama32_jax.nn.attend import self_attend
 from llama32_jax.nn.cache import KVCache, LayerCache
 from llama32_jax.nn.layers import Einsum, Embed, HeadsProjection, MergeHeadsProjection, RMSNorm, make_param
 from llama32_jax.nn.rope import apply_rope, inv_frequencies, rope_angles
+from llama32_jax.quant.arrays import qlinear
 from llama32_jax.sharding.placement import constrain_activation, constrain_cache
 
 
@@ -155,6 +156,10 @@ class Transformer(nnx.Module):
         self.norm = RMSNorm(t.dim, t.norm_eps, dtype=param_dtype, rngs=rngs)
         if not t.tie_embeddings:
             self.lm_head = make_param(rngs, (t.vocab_size, t.dim), (dims.VOCAB, dims.EMBED), param_dtype)
+        # Weight-only quantization (llama32_jax.models.quantize): what was quantized, and the head's own state.
+        self.quant_config = None
+        self.head_quant = None
+        self.lm_head_scale = nnx.data(None)
         # Set by llama32_jax.sharding.shard_model: the plan + mesh that activations and caches are constrained to.
         self.placement = None
         self.remat = "none"  # activation checkpointing per block in training (REMAT_POLICIES)
@@ -178,7 +183,10 @@ class Transformer(nnx.Module):
         step = token_positions(self.config, tokens, cache, positions, segment_ids)
         h = constrain_activation(self.placement, self.embed(tokens))  # [B, T, D]
         h, new_kv = self._run_layers(h, step, cache)
-        head = self.embed.attend if self.config.text.tie_embeddings else lambda h: head_logits(h, self.lm_head)
+        if self.config.text.tie_embeddings:
+            head = self.embed.attend
+        else:
+            head = lambda h: head_logits(h, self.lm_head, self.lm_head_scale, self.head_quant)  # noqa: E731
         return decoder_output(self, head, h, cache, new_kv, step.index + tokens.shape[1], last_only=last_only)
 
     def _run_layers(self, h, step: StepInputs, cache: KVCache | None):
@@ -196,8 +204,16 @@ class Transformer(nnx.Module):
         return run_unrolled(self.layers, h, step, cache, self.placement, remat=self.remat)
 
 
-def head_logits(h: jax.Array, lm_head: nnx.Param) -> jax.Array:
-    """The untied output head: ``h [B, T, D]`` times ``lm_head [V, D]`` -> fp32 logits ``[B, T, V]``."""
+def head_logits(h: jax.Array, lm_head: nnx.Param, scale: nnx.Param | None = None, quant=None) -> jax.Array:
+    """The untied output head: ``h [B, T, D]`` times ``lm_head [V, D]`` -> fp32 logits ``[B, T, V]``.
+
+    ``quant``: ``(mode, group)`` when ``lm_head`` holds quantized values and ``scale`` their scales
+    (:mod:`llama32_jax.models.quantize`)."""
+    if quant is not None:
+        mode, group = quant
+        v = lm_head.shape[0]
+        s2 = scale[...].reshape((v,) if mode == "int8" else (v, -1))
+        return qlinear(h, lm_head[...], s2, mode, group, out_dtype=jnp.float32)
     return jnp.einsum("btd,vd->btv", h, lm_head[...], preferred_element_type=jnp.float32)
 
 

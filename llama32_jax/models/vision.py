@@ -46,7 +46,7 @@ from llama32_jax.dims import (
 from llama32_jax.dims import VISION_GATE as GATE
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.nn.attention import attention
-from llama32_jax.nn.layers import HeadsProjection, MergeHeadsProjection, flatten_tree, make_param
+from llama32_jax.nn.layers import HeadsProjection, MergeHeadsProjection, flatten_tree, make_param, quantized_matmul
 
 # --------------------------------------------------------------------------------------------------------------
 # Pure functions.
@@ -120,8 +120,12 @@ class Linear(nnx.Module):
     def __init__(self, n_out: int, n_in: int, axes: tuple[str, str], *, dtype, rngs: nnx.Rngs):
         self.kernel = make_param(rngs, (n_out, n_in), axes, dtype)
         self.bias = make_param(rngs, (n_out,), axes[:1], dtype, init="zeros")
+        self.quant = None  # weight-only quantization (llama32_jax.models.quantize); the bias stays float
+        self.kernel_scale = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        if self.quant is not None:
+            return quantized_matmul(x, self, self.kernel.shape[0]) + self.bias[...].astype(x.dtype)
         return jnp.einsum("...i,oi->...o", x, self.kernel[...]) + self.bias[...].astype(x.dtype)
 
 

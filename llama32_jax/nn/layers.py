@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama32_jax import dims
+from llama32_jax.quant.arrays import qlinear
 
 # Standard deviation of the random initialisation (HF ``initializer_range``); real weights replace it.
 INIT_STD = 0.02
@@ -54,6 +55,16 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def quantized_matmul(x: jax.Array, proj: nnx.Module, n_out: int, out_dtype=None) -> jax.Array:
+    """``x [..., I] @ W^T`` for a projection whose kernel was quantized (:mod:`llama32_jax.models.quantize`):
+    its ``kernel`` holds int8 / int4 values of shape ``[*out, *in]`` and ``kernel_scale`` their fp32 scales."""
+    mode, group = proj.quant
+    kernel, scale = proj.kernel[...], proj.kernel_scale[...]
+    q2 = kernel.reshape(n_out, kernel.size // n_out)
+    s2 = scale.reshape((n_out,) if mode == "int8" else (n_out, -1))
+    return qlinear(x, q2, s2, mode, group, out_dtype=out_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -104,9 +115,15 @@ class Einsum(nnx.Module):
         self.spec = spec
         self.kernel = make_param(rngs, shape, axes, dtype, stack=stack)
         self.lora = nnx.data(None)  # an optional low-rank adapter (llama32_jax.training.lora)
+        # Weight-only quantization (llama32_jax.models.quantize): (mode, group) and the kernel's fp32 scales.
+        self.quant = None
+        self.kernel_scale = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.einsum(self.spec, x, self.kernel[...])
+        if self.quant is not None:  # quantized only for '...i,oi->...o' specs (checked when quantizing)
+            y = quantized_matmul(x, self, self.kernel.shape[-2])
+        else:
+            y = jnp.einsum(self.spec, x, self.kernel[...])
         return y if self.lora is None else y + self.lora(x).astype(y.dtype)
 
 
@@ -120,10 +137,15 @@ class HeadsProjection(nnx.Module):
     def __init__(self, shape: Sequence[int], axes: Sequence[str], *, dtype=jnp.float32, stack=None, rngs: nnx.Rngs):
         self.kernel = make_param(rngs, shape, axes, dtype, stack=stack)
         self.lora = nnx.data(None)  # an optional low-rank adapter (llama32_jax.training.lora)
+        self.quant = None  # weight-only quantization, as in Einsum
+        self.kernel_scale = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         heads, h, d = self.kernel.shape[-3:]
-        y = jnp.einsum("btd,ed->bte", x, self.kernel[...].reshape(heads * h, d))
+        if self.quant is not None:
+            y = quantized_matmul(x, self, heads * h)
+        else:
+            y = jnp.einsum("btd,ed->bte", x, self.kernel[...].reshape(heads * h, d))
         if self.lora is not None:
             y = y + self.lora(x).astype(y.dtype)
         return y.reshape(*x.shape[:-1], heads, h)  # [B, T, heads, H]
@@ -135,11 +157,16 @@ class MergeHeadsProjection(nnx.Module):
     def __init__(self, shape: Sequence[int], axes: Sequence[str], *, dtype=jnp.float32, stack=None, rngs: nnx.Rngs):
         self.kernel = make_param(rngs, shape, axes, dtype, stack=stack)
         self.lora = nnx.data(None)  # an optional low-rank adapter (llama32_jax.training.lora)
+        self.quant = None  # weight-only quantization, as in Einsum
+        self.kernel_scale = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         d, heads, h = self.kernel.shape[-3:]
         flat = x.reshape(*x.shape[:-2], heads * h)  # [B, T, heads*H]
-        y = jnp.einsum("bte,de->btd", flat, self.kernel[...].reshape(d, heads * h))
+        if self.quant is not None:
+            y = quantized_matmul(flat, self, d)
+        else:
+            y = jnp.einsum("bte,de->btd", flat, self.kernel[...].reshape(d, heads * h))
         return y if self.lora is None else y + self.lora(flat).astype(y.dtype)
 
 

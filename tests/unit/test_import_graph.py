@@ -21,6 +21,7 @@ LAYERS = [
     ["llama32_jax.errors", "llama32_jax.dims"],
     ["llama32_jax.configs"],
     ["llama32_jax.sharding.plan", "llama32_jax.sharding.distributed", "llama32_jax.sharding.tpu"],
+    ["llama32_jax.quant"],
     ["llama32_jax.nn", "llama32_jax.kernels", "llama32_jax.inputs", "llama32_jax.sharding.placement"],
     ["llama32_jax.models"],
     ["llama32_jax.sharding.apply", "llama32_jax.sharding", "llama32_jax.checkpoint"],

@@ -1,0 +1,125 @@
+"""Quantizing one weight, dequantizing it, and the matmul on quantized weights.
+
+A projection kernel has shape ``[*out, *in]``: its trailing ``n_in`` axes are the ones the projection contracts
+(every projection in this package contracts the kernel's trailing axes), so it is the matrix ``[O, I]`` with
+``O = prod(out)`` and ``I = prod(in)`` by a free row-major reshape. Scales:
+
+- int8: ``[*out]`` fp32, one per output channel (logical axes: the kernel's output axes);
+- int4: ``[*out, I // group]`` fp32 (axes: the output axes and the first input axis, so a sharding plan that splits
+  the input axis splits the groups with it; groups never straddle shards when ``I / shards`` is a multiple of the
+  group size, which :func:`llama32_jax.models.quantize.check_plan` verifies).
+
+The values are stored as ``int8`` / ``int4`` arrays of the kernel's own shape and logical axes, so sharding plans
+place them exactly as they place the float kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from llama32_jax.errors import QuantizationError
+
+INT8_MAX = 127
+INT4_MAX = 7
+# On XLA:CPU, ``x[1, I] @ convert(q[O, I]).T`` compiles to one loop that reads the int8 weight once (2.4x faster
+# than the fp32 product at the 1B MLP shape), while a product of more rows first converts the whole weight into a
+# fresh fp32 temporary (5-8x slower than fp32 at 2..16 rows). So on CPU, products of up to this many rows run one
+# row at a time, in exactly that form (experiments/results/quant/formulations.md).
+CPU_ROW_LOOP_MAX = 3
+
+
+def _split(shape: Sequence[int], n_in: int) -> tuple[tuple[int, ...], int]:
+    if not 1 <= n_in < len(shape):
+        raise QuantizationError(f"a kernel of shape {tuple(shape)} cannot have {n_in} input axes")
+    return tuple(int(s) for s in shape[: len(shape) - n_in]), int(math.prod(shape[len(shape) - n_in :]))
+
+
+def scale_shape(kernel_shape: Sequence[int], n_in: int, mode: str, group: int) -> tuple[int, ...]:
+    """The scale's shape for a kernel of ``kernel_shape`` (stacked ``[L, ...]`` kernels included)."""
+    out, n = _split(kernel_shape, n_in)
+    if mode == "int8":
+        return out
+    if n % group:
+        raise QuantizationError(
+            f"int4 group size {group} does not divide the input dimension {n} of a weight of shape "
+            f"{tuple(kernel_shape)}; use a group size that divides it (e.g. {math.gcd(n, group)}) or int8"
+        )
+    return (*out, n // group)
+
+
+def scale_axes(kernel_axes: Sequence[str], n_in: int, mode: str) -> tuple[str, ...]:
+    """Logical axes of the scale of a kernel with ``kernel_axes`` (see the module docstring)."""
+    kernel_axes = tuple(kernel_axes)
+    out_axes = kernel_axes[: len(kernel_axes) - n_in]
+    return out_axes if mode == "int8" else (*out_axes, kernel_axes[len(kernel_axes) - n_in])
+
+
+def quantize(w, n_in: int, mode: str, group: int):
+    """``w [*out, *in]`` float -> ``(q, scale)``: ``q`` int8 / int4 of ``w``'s shape, ``scale`` fp32.
+
+    numpy in, numpy out (host-side conversion, one weight at a time); a JAX array in, JAX arrays out (usable
+    under ``jit`` and on sharded arrays). The maths is fp32 whatever ``w``'s dtype; rounding is half-to-even."""
+    xp = np if isinstance(w, np.ndarray) else jnp
+    shape = tuple(w.shape)
+    out, n = _split(shape, n_in)
+    sshape = scale_shape(shape, n_in, mode, group)
+    wf = xp.asarray(w).astype(xp.float32)
+    if mode == "int8":
+        rows = wf.reshape(*out, n)
+        amax = xp.max(xp.abs(rows), axis=-1)
+        scale = xp.where(amax > 0, amax / INT8_MAX, 1.0).astype(xp.float32)
+        q = xp.clip(xp.round(rows / scale[..., None]), -INT8_MAX, INT8_MAX)
+        return q.astype(xp.int8).reshape(shape), scale
+    if mode != "int4":
+        raise QuantizationError(f"quantize mode must be one of ('int8', 'int4'), got {mode!r}")
+    groups = wf.reshape(*sshape, group)
+    amax = xp.max(xp.abs(groups), axis=-1)
+    scale = xp.where(amax > 0, amax / INT4_MAX, 1.0).astype(xp.float32)
+    q = xp.clip(xp.round(groups / scale[..., None]), -INT4_MAX - 1, INT4_MAX)
+    int4 = ml_dtypes.int4 if xp is np else jnp.int4
+    return q.astype(xp.int8).astype(int4).reshape(shape), scale
+
+
+def dequantize(q, scale, n_in: int, mode: str, group: int, dtype=jnp.float32):
+    """``q * scale`` back in the kernel's shape, computed in fp32 and cast to ``dtype`` (numpy or JAX, as given)."""
+    xp = np if isinstance(q, np.ndarray) else jnp
+    shape = tuple(q.shape)
+    out, n = _split(shape, n_in)
+    s = xp.asarray(scale).astype(xp.float32)
+    if mode == "int8":
+        w = q.astype(xp.int8).astype(xp.float32).reshape(*out, n) * s[..., None]
+    else:
+        w = q.astype(xp.int8).astype(xp.float32).reshape(*s.shape, group) * s[..., None]
+    return w.reshape(shape).astype(dtype)
+
+
+def _rows_product(x2, q2, scale, mode: str, group: int):
+    """``x2 [R, I] @ dequant(q2 [O, I])^T -> [R, O]`` fp32, written ``x @ w.T``: the form XLA:CPU fuses at R = 1."""
+    if mode == "int8":  # the scale is per output channel: applied after the product, on R x O values
+        return (x2 @ q2.astype(x2.dtype).T).astype(jnp.float32) * scale.astype(jnp.float32)
+    o, i = q2.shape
+    w = (q2.astype(jnp.float32).reshape(o, i // group, group) * scale[..., None]).reshape(o, i)
+    return (x2 @ w.astype(x2.dtype).T).astype(jnp.float32)
+
+
+def qlinear(x: jax.Array, q2: jax.Array, scale: jax.Array, mode: str, group: int, out_dtype=None) -> jax.Array:
+    """``x [..., I] @ W^T`` with ``W [O, I] = dequantize(q2, scale)``: ``[..., O]`` in ``out_dtype`` (default
+    ``x.dtype``; the products accumulate as the float path's do, the scales apply in fp32).
+
+    ``q2`` is the kernel as ``[O, I]``; ``scale`` is ``[O]`` (int8) or ``[O, I // group]`` (int4). On GPU and TPU
+    the compiler fuses the conversion into the matmul; on CPU, up to :data:`CPU_ROW_LOOP_MAX` rows run as
+    single-row products, which XLA:CPU fuses, and more rows convert the weight into a temporary first."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    rows = x2.shape[0]
+    if jax.default_backend() == "cpu" and 1 < rows <= CPU_ROW_LOOP_MAX:
+        y = jnp.concatenate([_rows_product(x2[r : r + 1], q2, scale, mode, group) for r in range(rows)])
+    else:
+        y = _rows_product(x2, q2, scale, mode, group)
+    return y.astype(out_dtype or x.dtype).reshape(*lead, q2.shape[0])
