@@ -4,6 +4,7 @@ The public surface (see README.md)::
 
     import llama32_jax as lj
     model = lj.load("path/to/checkpoint", dtype="bfloat16")   # Orbax, HF or Meta dir, or .gguf -> Model
+    model = lj.load("path/to/checkpoint", quantize="int8")    # weight-only int8 (or "int4", lj.QuantConfig(...))
     lj.convert("meta_or_hf_dir", "orbax_dir")          # streaming, atomic (also: python -m llama32_jax.convert)
     outs = model.generate(["Why is the sky blue?"], max_new_tokens=64, temperature=0.0)
     cfg = lj.configs.LLAMA_3_2_1B                      # named configs, strict readers of params.json / config.json
@@ -13,7 +14,7 @@ The public surface (see README.md)::
 Importing this package has no side effects beyond importing JAX.
 """
 
-from llama32_jax import configs, errors, sharding
+from llama32_jax import configs, errors, quant, sharding
 from llama32_jax.api import Completion, Model, load
 from llama32_jax.checkpoint.hf_export import export_hf
 from llama32_jax.checkpoint.pipeline import convert
@@ -23,6 +24,7 @@ from llama32_jax.configs.readers import from_params_json
 from llama32_jax.models.build import abstract_model, forward, init_model, load_params, param_count
 from llama32_jax.models.text import Transformer
 from llama32_jax.nn.cache import KVCache
+from llama32_jax.quant.config import QuantConfig
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "KVCache",
     "Model",
     "ModelConfig",
+    "QuantConfig",
     "RopeScaling",
     "TextConfig",
     "Transformer",
@@ -47,5 +50,6 @@ __all__ = [
     "load",
     "load_params",
     "param_count",
+    "quant",
     "sharding",
 ]
