@@ -34,6 +34,23 @@ INT4_MAX = 7
 CPU_ROW_LOOP_MAX = 3
 
 
+def _check_mode(mode: str, group: int) -> None:
+    """Refuse an unknown mode, or an int4 group that is not a positive int (it would divide by zero below)."""
+    if mode not in ("int8", "int4"):
+        raise QuantizationError(f"quantize mode must be one of ('int8', 'int4'), got {mode!r}")
+    if mode == "int4" and (isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 1):
+        raise QuantizationError(f"int4 quantization needs a positive int group size, got {group!r}")
+
+
+def _divide(xp, a, b):
+    """``a / b`` correctly rounded, as numpy computes it. XLA rewrites a division by a broadcast value into a
+    multiplication by its reciprocal (one more rounding: ``amax / 7`` then differs from numpy's in the last bit
+    for about half the values); the barrier keeps the divisor opaque so the division stays a division."""
+    if xp is np:
+        return a / b
+    return a / jax.lax.optimization_barrier(jnp.broadcast_to(b, a.shape))
+
+
 def _split(shape: Sequence[int], n_in: int) -> tuple[tuple[int, ...], int]:
     if not 1 <= n_in < len(shape):
         raise QuantizationError(f"a kernel of shape {tuple(shape)} cannot have {n_in} input axes")
@@ -42,6 +59,7 @@ def _split(shape: Sequence[int], n_in: int) -> tuple[tuple[int, ...], int]:
 
 def scale_shape(kernel_shape: Sequence[int], n_in: int, mode: str, group: int) -> tuple[int, ...]:
     """The scale's shape for a kernel of ``kernel_shape`` (stacked ``[L, ...]`` kernels included)."""
+    _check_mode(mode, group)
     out, n = _split(kernel_shape, n_in)
     if mode == "int8":
         return out
@@ -73,21 +91,20 @@ def quantize(w, n_in: int, mode: str, group: int):
     if mode == "int8":
         rows = wf.reshape(*out, n)
         amax = xp.max(xp.abs(rows), axis=-1)
-        scale = xp.where(amax > 0, amax / INT8_MAX, 1.0).astype(xp.float32)
-        q = xp.clip(xp.round(rows / scale[..., None]), -INT8_MAX, INT8_MAX)
+        scale = xp.where(amax > 0, _divide(xp, amax, xp.float32(INT8_MAX)), 1.0).astype(xp.float32)
+        q = xp.clip(xp.round(_divide(xp, rows, scale[..., None])), -INT8_MAX, INT8_MAX)
         return q.astype(xp.int8).reshape(shape), scale
-    if mode != "int4":
-        raise QuantizationError(f"quantize mode must be one of ('int8', 'int4'), got {mode!r}")
     groups = wf.reshape(*sshape, group)
     amax = xp.max(xp.abs(groups), axis=-1)
-    scale = xp.where(amax > 0, amax / INT4_MAX, 1.0).astype(xp.float32)
-    q = xp.clip(xp.round(groups / scale[..., None]), -INT4_MAX - 1, INT4_MAX)
+    scale = xp.where(amax > 0, _divide(xp, amax, xp.float32(INT4_MAX)), 1.0).astype(xp.float32)
+    q = xp.clip(xp.round(_divide(xp, groups, scale[..., None])), -INT4_MAX - 1, INT4_MAX)
     int4 = ml_dtypes.int4 if xp is np else jnp.int4
     return q.astype(xp.int8).astype(int4).reshape(shape), scale
 
 
 def dequantize(q, scale, n_in: int, mode: str, group: int, dtype=jnp.float32):
     """``q * scale`` back in the kernel's shape, computed in fp32 and cast to ``dtype`` (numpy or JAX, as given)."""
+    _check_mode(mode, group)
     xp = np if isinstance(q, np.ndarray) else jnp
     shape = tuple(q.shape)
     out, n = _split(shape, n_in)
@@ -115,6 +132,7 @@ def qlinear(x: jax.Array, q2: jax.Array, scale: jax.Array, mode: str, group: int
     ``q2`` is the kernel as ``[O, I]``; ``scale`` is ``[O]`` (int8) or ``[O, I // group]`` (int4). On GPU and TPU
     the compiler fuses the conversion into the matmul; on CPU, up to :data:`CPU_ROW_LOOP_MAX` rows run as
     single-row products, which XLA:CPU fuses, and more rows convert the weight into a temporary first."""
+    _check_mode(mode, group)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
