@@ -35,6 +35,7 @@ import dataclasses
 import glob
 import importlib.metadata
 import importlib.util
+import math
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -168,9 +169,15 @@ def topology_devices(topology: str) -> list[Any]:
     quiet_libtpu_on_cpu_host()
     from jax.experimental import topologies
 
+    # libtpu's default host is 2x2 chips, and it rejects a slice that does not fill whole hosts ("v5e:1x1" is "not
+    # divisible by chips_per_host_bounds 2x2x1"): a slice of fewer chips is one host of exactly its own chips.
+    layout = [int(n) for n in topology.split(":")[1].split("x")] if ":" in topology else []
+    kwargs = {}
+    if layout and all(n > 0 for n in layout) and len(layout) <= 3 and math.prod(layout) < 4:
+        kwargs["chips_per_host_bounds"] = [*layout, *[1] * (3 - len(layout))]
     try:
         with _stderr_to_devnull():
-            desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+            desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
     except Exception as e:  # libtpu's own error types differ between versions
         raise TpuCompilerUnavailable(
             f"libtpu cannot describe TPU topology {topology!r}: {type(e).__name__}: {str(e).splitlines()[0]}"

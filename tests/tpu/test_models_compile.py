@@ -55,7 +55,8 @@ def test_covering_set_covers():
     assert {(m, i, ph) for m, _, i, ph in cases} == {(m, i, ph) for m in MODELS for i in IMPLS for ph in PHASES}
     assert {(pl, ph) for _, pl, _, ph in cases} == {(pl, ph) for pl in PLANS for ph in PHASES}
     assert {(pl, i, ph) for _, pl, i, ph in cases} == {(pl, i, ph) for pl in PLANS for i in IMPLS for ph in PHASES}
-    assert set(PLANS) == set(sharding.tpu.tpu_plans())
+    # every multi-chip TPU plan (tpu-v5e-1, one chip, has no collectives to check)
+    assert set(PLANS) == {p for p in sharding.tpu.tpu_plans() if sharding.load_plan(p).size > 1}
 
 
 def _id(case: tuple[str, str, str, str]) -> str:

@@ -15,7 +15,7 @@ from llama32_jax.sharding.plan import plan_from_dict
 from tests.conftest import require
 from tests.tpu.conftest import plan_mesh
 
-TPU_PLANS = ["tpu-v5e-8", "tpu-v5p-16", "tpu-v6e-8", "tpu-v5e-16"]
+TPU_PLANS = ["tpu-v5e-8", "tpu-v5p-16", "tpu-v6e-8", "tpu-v5e-16", "tpu-v5e-1"]
 
 
 def test_shipped_tpu_plans_name_their_topology():
