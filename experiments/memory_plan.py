@@ -4,6 +4,8 @@
     .venv/bin/python -m experiments.memory_plan --all        # every model x named topology -> results/memory_plan.*
     .venv/bin/python -m experiments.memory_plan --target=tpu --all   # XLA:TPU, every model x TPU plan,
                                                        # plus a training step per plan -> results/memory_plan_tpu.*
+    .venv/bin/python -m experiments.memory_plan --plan=h100x2 --quantize=none,int8,int4   # weight-only quantized
+                                                       # (experiments.memory_plan_quant: the quantized table)
 
 Nothing is allocated: the model is built with ``jax.ShapeDtypeStruct`` leaves (``abstract_model``) carrying the
 plan's ``NamedSharding``s on ``plan.size`` simulated CPU devices, and ``jit(...).lower(...).compile()`` partitions
@@ -52,6 +54,7 @@ from llama32_jax import configs, dims, sharding
 from llama32_jax.models.build import abstract_model
 from llama32_jax.nn.attend import set_attention_impl
 from llama32_jax.nn.cache import KVCache
+from llama32_jax.quant.config import QuantConfig, resolve_quantize
 
 if __name__ == "__main__":  # scaling_steps (the --train step) imports this module: one copy, one set of flags
     sys.modules.setdefault("experiments.memory_plan", sys.modules[__name__])
@@ -77,6 +80,14 @@ _ATTENTION = flags.DEFINE_enum(
 )  # fmt: skip
 _TRAIN = flags.DEFINE_bool("train", None, "also compile a full fine-tuning step (default: with --target=tpu --all)")
 _TRAIN_BATCH = flags.DEFINE_integer("train_batch", 1, "sequences per training step (--train)")
+_QUANTIZE = flags.DEFINE_list(
+    "quantize",
+    ["none"],
+    "weights: none (bf16), int8, int4 or several (one row each); the quantized model is "
+    "models.build.abstract_model(quant=...), the scales sharded by their logical axes",
+)
+_GROUP = flags.DEFINE_integer("group_size", 128, "int4 group size (--quantize=int4)")
+_QUANT_SKIP = flags.DEFINE_list("quant_skip", [], "parts kept in bf16 when quantizing: vision, head")
 _TRAIN_PLANS = flags.DEFINE_list(
     "train_plans", ["tpu-v5e-8", "tpu-v5p-16"], "--all --train: the plans that also compile the training step"
 )
@@ -100,30 +111,35 @@ def _abstract(tree, specs, mesh):
 
 
 def _shard_bytes(x) -> int:
-    shape = x.sharding.shard_shape(x.shape)
-    return math.prod(shape) * jnp.dtype(x.dtype).itemsize
+    """One device's bytes of ``x``, int4 packed two values per byte (as every XLA backend's ``memory_analysis``
+    counts an ``s4`` argument)."""
+    n = math.prod(x.sharding.shard_shape(x.shape))
+    return -(-n // 2) if x.dtype == jnp.int4 else n * jnp.dtype(x.dtype).itemsize
 
 
-def _cpu_weight_upcasts(hlo: str, params) -> int:
-    """Bytes of the f32 copies of bf16 weights that XLA:CPU makes before its loops (its dot kernels are f32).
+def _weight_shard_shapes(params, kinds=(jnp.bfloat16, jnp.int8, jnp.int4)) -> set[tuple[int, ...]]:
+    """Shard shapes of the matrices (``ndim > 1``) of dtype ``kinds``: bf16 weights and int8/int4 kernels."""
+    return {tuple(x.sharding.shard_shape(x.shape)) for x in jax.tree.leaves(params) if x.dtype in kinds and x.ndim > 1}
 
-    They show up in the entry computation as ``wrapped_convert`` fusions whose f32 result has the shape of one
-    device's shard of a bf16 weight. A GPU/TPU compile multiplies bf16 directly and has no such buffers, so they
+
+def _cpu_weight_upcasts(hlo: str, params, to: str = "f32") -> int:
+    """Bytes of the copies of weights that XLA:CPU makes before its loops: ``to="f32"``, f32 copies of bf16 weights
+    (its dot kernels are f32); ``to="s8"``, one byte per value copies of int4 kernels (XLA:CPU unpacks ``s4``).
+
+    They show up in the entry computation as ``wrapped_convert`` fusions whose ``to`` result has the shape of one
+    device's shard of a weight. A GPU/TPU compile multiplies bf16 directly and has no such buffers, so they
     are reported apart from the temporaries the model itself needs.
     """
     import re
 
-    shard_shapes = {
-        tuple(x.sharding.shard_shape(x.shape))
-        for x in jax.tree.leaves(params)
-        if x.dtype == jnp.bfloat16 and x.ndim > 1
-    }
+    shard_shapes = _weight_shard_shapes(params, (jnp.int4,) if to == "s8" else (jnp.bfloat16, jnp.int8, jnp.int4))
+    size = {"f32": 4, "s8": 1}[to]
     seen, total = set(), 0
-    for m in re.finditer(r"^\s*(%wrapped_convert[\w.]*) = f32\[([\d,]+)\]\{[^}]*\} fusion\(", hlo, re.MULTILINE):
+    for m in re.finditer(rf"^\s*(%wrapped_convert[\w.]*) = {to}\[([\d,]+)\]\{{[^}}]*\}} fusion\(", hlo, re.MULTILINE):
         shape = tuple(int(d) for d in m.group(2).split(","))
         if m.group(1) not in seen and shape in shard_shapes:
             seen.add(m.group(1))
-            total += math.prod(shape) * 4
+            total += math.prod(shape) * size
     return total
 
 
@@ -134,12 +150,10 @@ def _f32_weight_copies(hlo: str, params) -> int:
     import re
 
     shapes = set()
-    for x in jax.tree.leaves(params):
-        if x.dtype == jnp.bfloat16 and x.ndim > 1:
-            shard = tuple(x.sharding.shard_shape(x.shape))
-            shapes.add(shard)
-            if len(shard) > 2:
-                shapes.add(shard[1:])
+    for shard in _weight_shard_shapes(params):
+        shapes.add(shard)
+        if len(shard) > 2:
+            shapes.add(shard[1:])
     seen, total, fused = set(), 0, False
     for line in hlo.splitlines():
         if line and not line.startswith(" "):  # a computation's header: skip the bodies of fusions
@@ -172,7 +186,7 @@ def _oom_text(e: Exception) -> str:
 
 
 def plan_memory(
-    model_name: str,
+    model_name: str | configs.ModelConfig,
     plan_name: str,
     batch: int,
     cache_len: int,
@@ -182,13 +196,21 @@ def plan_memory(
     attention_impl: str = "auto",
     train: bool = False,
     train_batch: int = 1,
+    quant: str | QuantConfig | None = None,
 ) -> dict:
     """One model x plan row: per-device weights, KV cache, the decode and prefill steps' memory analysis (and a
     training step's with ``train``), "fits". ``target``: ``"cpu"`` (XLA:CPU, simulated devices) or ``"tpu"``
-    (XLA:TPU for the plan's TPU slice)."""
+    (XLA:TPU for the plan's TPU slice). ``quant`` (``"int8"``, ``"int4"``, a ``QuantConfig``): the weight-only
+    quantized model; ``weights_gb`` counts int4 packed (two values per byte, as the compiled arguments hold it) and,
+    on CPU, the step peaks leave out XLA:CPU's one-byte copies of the int4 kernels (``cpu_int4_unpack_gb``)."""
+    qc = resolve_quantize(quant)
+    if qc is not None and train:
+        raise sharding.PlanError("memory plan: the training step is for float weights; quantized rows plan inference")
     if target not in ("cpu", "tpu"):
         raise sharding.PlanError(f"memory plan target {target!r}: valid are 'cpu' and 'tpu'")
-    config = configs.get_config(model_name).replace(scan_layers=True)
+    named = isinstance(model_name, str)  # or a ModelConfig (the tests' small models)
+    config = (configs.get_config(model_name) if named else model_name).replace(scan_layers=True)
+    model_name = model_name if named else config.name
     plan = sharding.load_plan(plan_name)
     if target == "tpu":
         mesh = _tpu_mesh(plan)  # the plan's TPU slice (PlanError for a plan without a topology)
@@ -196,7 +218,7 @@ def plan_memory(
         mesh = sharding.make_mesh(plan, jax.devices("cpu"))  # simulated CPU devices, also on a GPU/TPU host
     sharding.validate(config, plan)
     batch = -(-batch // plan.batch_shards) * plan.batch_shards  # a data-parallel plan needs a batch per replica
-    model = abstract_model(config, param_dtype=jnp.bfloat16)
+    model = abstract_model(config, param_dtype=jnp.bfloat16, quant=qc)
     placement = sharding.Placement(plan, mesh)
     if target == "tpu":  # as shard_model: the attention modules too, so that "auto" sees the TPU mesh (Pallas)
         for _, node in nnx.iter_graph(model):
@@ -239,9 +261,16 @@ def plan_memory(
 
     batch_sharding = placement.sharding((dims.BATCH, None), (batch, 1), "tokens")
     out = {"model": model_name, "plan": plan.name, "devices": plan.devices, "mesh": plan.mesh_dict}
+    if qc is not None:
+        out["quant"] = qc.to_json()
     out.update(target=target, topology=plan.topology if target == "tpu" else None, attention_impl=attention_impl)
     out.update(batch=batch, cache_len=cache_len, prompt_len=prompt_len, images=images if config.is_vision else 0)
     weights = sum(_shard_bytes(x) for x in jax.tree.leaves(params))
+    if qc is not None:
+        by_dtype: dict[str, float] = {}
+        for x in jax.tree.leaves(params):
+            by_dtype[str(x.dtype)] = by_dtype.get(str(x.dtype), 0.0) + _shard_bytes(x) / GB
+        out["weights_by_dtype_gb"] = by_dtype
     kv_bytes = _shard_bytes(cache.k) + _shard_bytes(cache.v)
     cross_bytes = 0 if cross is None else 2 * _shard_bytes(cross.kv[0])
     out.update(weights_gb=weights / GB, kv_cache_gb=kv_bytes / GB, cross_kv_gb=cross_bytes / GB)
@@ -294,12 +323,14 @@ def plan_memory(
 
 
 def _memory(compiled, params, target: str, seconds: float) -> dict:
-    """One compiled step's per-device memory analysis, in GB; on CPU less XLA:CPU's f32 weight upcasts."""
+    """One compiled step's per-device memory analysis, in GB; on CPU less XLA:CPU's f32 weight upcasts and its
+    one-byte copies of int4 kernels."""
     mem = compiled.memory_analysis()
     raw = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     raw += mem.temp_size_in_bytes
     hlo = compiled.as_text()
     upcast = _cpu_weight_upcasts(hlo, params) if target == "cpu" else 0
+    unpack = _cpu_weight_upcasts(hlo, params, "s8") if target == "cpu" else 0
     out = dict(
         compile_s=round(seconds, 1),
         argument_gb=mem.argument_size_in_bytes / GB,
@@ -310,8 +341,11 @@ def _memory(compiled, params, target: str, seconds: float) -> dict:
     )
     if target == "cpu":
         out["cpu_weight_upcast_gb"] = upcast / GB
+        if unpack:
+            out["cpu_int4_unpack_gb"] = unpack / GB
     else:
         out["f32_weight_copies_gb"] = _f32_weight_copies(hlo, params) / GB
+    upcast += unpack
     out.update(temp_gb_without_upcast=(mem.temp_size_in_bytes - upcast) / GB, peak_gb=(raw - upcast) / GB)
     return out
 
@@ -345,10 +379,16 @@ def _train_memory(model_name: str, config, plan, placement, batch: int, seq_len:
     return out
 
 
+def _model_label(r: dict) -> str:
+    """The model, with its weights' quantization when it has one (``Llama-3.2-1B int8``)."""
+    return r["model"] + (f" {r['quant']['mode']}" if r.get("quant") else "")
+
+
 def _row(r: dict) -> str:
     fits = {True: "yes", False: f"**no** ({r.get('why', '')})", None: "—"}[r.get("fits")]
     return (
-        f"| {r['model']} | `{r['plan']}` | {r['weights_gb']:.2f} | {r['kv_cache_gb']:.2f} | {r['cross_kv_gb']:.2f} | "
+        f"| {_model_label(r)} | `{r['plan']}` | {r['weights_gb']:.2f} | {r['kv_cache_gb']:.2f} | "
+        f"{r['cross_kv_gb']:.2f} | "
         f"{r['decode']['temp_gb_without_upcast']:.2f} | {r['prefill']['temp_gb_without_upcast']:.2f} | "
         f"{r['peak_gb']:.2f} | {r['xla_cpu_peak_gb']:.2f} | {r.get('budget_gb', float('nan')):.0f} | {fits} |"
     )
@@ -371,7 +411,8 @@ def _row_tpu(r: dict) -> str:
     else:
         t = "**no** (refused: " + train["compiler_oom"].split("RESOURCE_EXHAUSTED: ")[-1][:120] + ")"
     return (
-        f"| {r['model']} | `{r['plan']}` | {r['weights_gb']:.2f} | {r['kv_cache_gb']:.2f} | {r['cross_kv_gb']:.2f} | "
+        f"| {_model_label(r)} | `{r['plan']}` | {r['weights_gb']:.2f} | {r['kv_cache_gb']:.2f} | "
+        f"{r['cross_kv_gb']:.2f} | "
         f"{_gb(r['decode'], 'temp_gb')} | {_gb(r['prefill'], 'temp_gb')} | {peak} | {f32} | "
         f"{r.get('budget_gb', float('nan')):.1f} | {fits} | {t} |"
     )
@@ -414,12 +455,17 @@ def main(argv):
     plans = TPU_PLANS if tpu else TOPOLOGIES
     runs = [(m, p) for m in MODELS for p in plans] if _ALL.value else [(_MODEL.value, _PLAN.value)]
     train = _TRAIN.value if _TRAIN.value is not None else (tpu and _ALL.value)
+    quants = [None if q == "none" else QuantConfig(q, _GROUP.value, tuple(_QUANT_SKIP.value)) for q in _QUANTIZE.value]
+    if _ALL.value and quants != [None]:
+        raise sharding.PlanError(
+            "--all writes the bf16 tables; quantized plans: python -m experiments.memory_plan_quant"
+        )
     rows = []
-    for model_name, plan_name in runs:
+    for (model_name, plan_name), qc in ((run, q) for run in runs for q in quants):
         r = plan_memory(
             model_name, plan_name, _BATCH.value, _CACHE.value, _PROMPT.value, _IMAGES.value,
             target="tpu" if tpu else "cpu", attention_impl=attention_impl, train_batch=_TRAIN_BATCH.value,
-            train=train and (not _ALL.value or plan_name in _TRAIN_PLANS.value),
+            train=train and qc is None and (not _ALL.value or plan_name in _TRAIN_PLANS.value), quant=qc,
         )  # fmt: skip
         times = [str(r[s]["compile_s"]) for s in ("decode", "prefill", "train") if s in r]
         print((_row_tpu if tpu else _row)(r), f"(compile {' + '.join(times)} s)", flush=True)
@@ -435,7 +481,8 @@ def main(argv):
         record.update(libtpu=sharding.tpu.libtpu_version())
         record.update(attention_impl=attention_impl, train_plans=_TRAIN_PLANS.value, train_batch=_TRAIN_BATCH.value)
     stem = "memory_plan_tpu" if tpu else "memory_plan"
-    name = f"{stem}.json" if _ALL.value else f"{stem}_{_MODEL.value}_{os.path.basename(_PLAN.value)}.json"
+    suffix = "" if quants == [None] else "_" + "-".join(_QUANTIZE.value)
+    name = f"{stem}.json" if _ALL.value else f"{stem}_{_MODEL.value}_{os.path.basename(_PLAN.value)}{suffix}.json"
     write_result(record, name)
     if _ALL.value and tpu:
         print(json.dumps({"written": write_tpu_table(record)}))
