@@ -29,9 +29,12 @@ INT8_MAX = 127
 INT4_MAX = 7
 # On XLA:CPU, ``x[1, I] @ convert(q[O, I]).T`` compiles to one loop that reads the int8 weight once (2.4x faster
 # than the fp32 product at the 1B MLP shape), while a product of more rows first converts the whole weight into a
-# fresh fp32 temporary (5-8x slower than fp32 at 2..16 rows). So on CPU, products of up to this many rows run one
-# row at a time, in exactly that form (experiments/results/quant/formulations.md).
-CPU_ROW_LOOP_MAX = 3
+# fresh fp32 temporary and then calls the library dot (2-5x slower than fp32 at 2..64 rows). So on CPU a product of
+# more than one row (and every int4 product) runs over chunks of output channels: each chunk is converted into a
+# small fp32 temporary, reused from chunk to chunk, that stays in cache for its dot
+# (experiments/results/quant/formulations.md).
+CPU_CHUNK_BYTES = 1 << 20  # the fp32 temporary of one chunk: [chunk, I] x 4 bytes
+CPU_MIN_CHUNK = 8  # fewer output channels per chunk than this: no chunking (the loop would cost more than it saves)
 
 
 def _check_mode(mode: str, group: int) -> None:
@@ -125,19 +128,46 @@ def _rows_product(x2, q2, scale, mode: str, group: int):
     return (x2 @ w.astype(x2.dtype).T).astype(jnp.float32)
 
 
+def cpu_chunking() -> bool:
+    """Whether :func:`qlinear` chunks products here: on CPU with one device. With several devices a weight may be
+    sharded along its output channels, and a loop over chunks of them would make the partitioner gather it."""
+    return jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+def _cpu_chunk(o: int, i: int) -> int:
+    """Output channels per chunk on CPU: the largest divisor of ``o`` whose fp32 ``[chunk, i]`` fits
+    :data:`CPU_CHUNK_BYTES` (0: no useful chunking)."""
+    limit = max(1, CPU_CHUNK_BYTES // (4 * i))
+    if limit >= o:
+        return 0
+    best = max((c for c in range(1, limit + 1) if o % c == 0), default=0)
+    return best if best >= CPU_MIN_CHUNK else 0
+
+
+def _chunked_product(x2, q2, scale, mode: str, group: int, chunk: int):
+    """:func:`_rows_product` over ``O / chunk`` chunks of output channels in a loop: one small fp32 temporary."""
+    o, i = q2.shape
+    qc = q2.reshape(o // chunk, chunk, i)
+    sc = scale.reshape(o // chunk, chunk, *scale.shape[1:])
+    _, y = jax.lax.scan(lambda _, qs: (None, _rows_product(x2, *qs, mode, group)), None, (qc, sc))
+    return jnp.moveaxis(y, 0, 1).reshape(x2.shape[0], o)  # [O / chunk, R, chunk] -> [R, O]
+
+
 def qlinear(x: jax.Array, q2: jax.Array, scale: jax.Array, mode: str, group: int, out_dtype=None) -> jax.Array:
     """``x [..., I] @ W^T`` with ``W [O, I] = dequantize(q2, scale)``: ``[..., O]`` in ``out_dtype`` (default
     ``x.dtype``; the products accumulate as the float path's do, the scales apply in fp32).
 
     ``q2`` is the kernel as ``[O, I]``; ``scale`` is ``[O]`` (int8) or ``[O, I // group]`` (int4). On GPU and TPU
-    the compiler fuses the conversion into the matmul; on CPU, up to :data:`CPU_ROW_LOOP_MAX` rows run as
-    single-row products, which XLA:CPU fuses, and more rows convert the weight into a temporary first."""
+    the compiler fuses the conversion into the matmul; on a single-device CPU (:func:`cpu_chunking`), a single row
+    of an int8 product runs as the one product XLA:CPU fuses, and anything else runs chunk by chunk of output
+    channels (:func:`_chunked_product`)."""
     _check_mode(mode, group)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     rows = x2.shape[0]
-    if jax.default_backend() == "cpu" and 1 < rows <= CPU_ROW_LOOP_MAX:
-        y = jnp.concatenate([_rows_product(x2[r : r + 1], q2, scale, mode, group) for r in range(rows)])
+    chunk = _cpu_chunk(*q2.shape) if (rows > 1 or mode == "int4") and cpu_chunking() else 0
+    if chunk:
+        y = _chunked_product(x2, q2, scale, mode, group, chunk)
     else:
         y = _rows_product(x2, q2, scale, mode, group)
     return y.astype(out_dtype or x.dtype).reshape(*lead, q2.shape[0])

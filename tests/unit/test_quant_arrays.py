@@ -189,12 +189,15 @@ def test_scale_axes_follow_the_kernel():
 # ------------------------------------------------------------------------------------------------ qlinear
 
 
+@pytest.mark.parametrize("chunking", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 64])
 @pytest.mark.parametrize(("mode", "group"), [("int8", 0), ("int4", 32)])
-def test_qlinear_equals_the_product_with_the_dequantized_weight(rows, mode, group, monkeypatch):
+def test_qlinear_equals_the_product_with_the_dequantized_weight(rows, mode, group, chunking, monkeypatch):
     """``qlinear(x, q, s) == x @ dequantize(q, s).T`` in fp32, up to the two products' summation rounding:
     the standard bound ``|fl(x.w) - x.w| <= n u sum|x_i w_i|`` for each, so ``2 n u (|x| @ |W|.T)`` (plus the
-    scale's one multiplication). Rows 2 and 3 take the CPU one-row-at-a-time branch, the others the plain one."""
+    scale's one multiplication). Where qlinear chunks (one-device CPU; forced on and off here) and chunks of 8
+    output channels are allowed, every int4 product and int8 products of more than one row take the chunked branch
+    (5 chunks of 8 channels), int8 single rows the plain one; without chunking, everything takes the plain one."""
     n_out, n_in = 40, 96
     w = _weights((n_out, n_in), seed=rows)
     q, s = quantize(jnp.asarray(w), 1, mode, group)
@@ -204,14 +207,16 @@ def test_qlinear_equals_the_product_with_the_dequantized_weight(rows, mode, grou
     calls = []
     original = quant_arrays._rows_product
 
-    def counting(x2, *args):
-        calls.append(x2.shape[0])
-        return original(x2, *args)
+    def counting(x2, q2, *args):
+        calls.append((x2.shape[0], q2.shape[0]))
+        return original(x2, q2, *args)
 
     monkeypatch.setattr(quant_arrays, "_rows_product", counting)
+    monkeypatch.setattr(quant_arrays, "CPU_CHUNK_BYTES", 4 * n_in * 8)
+    monkeypatch.setattr(quant_arrays, "cpu_chunking", lambda: chunking)
     got = np.asarray(qlinear(jnp.asarray(x), q, s, mode, group))
-    loop = jax.default_backend() == "cpu" and 1 < rows <= quant_arrays.CPU_ROW_LOOP_MAX
-    assert calls == ([1] * rows if loop else [rows])
+    chunked = chunking and (rows > 1 or mode == "int4")
+    assert calls == [(rows, 8 if chunked else n_out)]
 
     want = x.astype(np.float64) @ deq.T.astype(np.float64)
     bound = (2 * n_in + 2) * U * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64))
