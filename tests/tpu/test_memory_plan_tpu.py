@@ -57,3 +57,34 @@ def test_committed_tpu_table():
     assert not rows["Llama-3.2-90B-Vision", "tpu-v5e-8"]["fits"]
     assert rows["Llama-3.2-1B", "tpu-v5e-8"]["fits"]
     assert "| Llama-3.2-1B | `tpu-v5e-8` |" in (RESULTS / "memory_plan_tpu.md").read_text()
+
+
+def test_xla_tpu_packs_int4_weights():
+    """One v5e chip (plan tpu-v5e-1): XLA:TPU's argument bytes of the int4 model are smaller than the int8 model's
+    by half a byte per quantized value, less the int4 scales' extra bytes (sums from the config): int4 is stored
+    two values per byte, and our packed count (``weights_gb``) is what the chip holds."""
+    require("libtpu")
+    import dataclasses
+
+    from experiments.memory_plan import plan_memory
+    from llama32_jax import configs
+    from llama32_jax.quant.config import QuantConfig
+
+    v, d, layers, n, k, h, f = 2048, 512, 2, 4, 4, 128, 1024  # untied: the head is quantized too
+    text = dataclasses.replace(configs.TINY_TEXT.text, vocab_size=v, dim=d, n_layers=layers, n_heads=n,
+                               n_kv_heads=k, head_dim=h, ffn_dim=f, tie_embeddings=False)  # fmt: skip
+    config = configs.TINY_TEXT.replace(name="small-untied", text=text)
+    # (outputs, inputs) of every quantized kernel: wq, wk, wv, wo, w1, w3, w2 per layer, and the head
+    kernels = layers * [(n * h, d), (k * h, d), (k * h, d), (d, n * h), (f, d), (f, d), (d, f)] + [(v, d)]
+    values = sum(o * i for o, i in kernels)
+    scales8 = 4 * sum(o for o, _ in kernels)  # f32, one per output channel
+    scales4 = 4 * sum(o * i // 128 for o, i in kernels)  # f32, one per 128 inputs
+    rows = {m: plan_memory(config, "tpu-v5e-1", 1, 256, 64, 0, target="tpu", quant=QuantConfig(m, 128))
+            for m in ("int8", "int4")}  # fmt: skip
+    assert rows["int8"]["weights_gb"] * 1e9 - rows["int4"]["weights_gb"] * 1e9 == values // 2 + scales8 - scales4
+    for step in ("decode", "prefill"):
+        saved = (rows["int8"][step]["argument_gb"] - rows["int4"][step]["argument_gb"]) * 1e9
+        assert saved == pytest.approx(values // 2 + scales8 - scales4, abs=1)
+        for r in rows.values():  # the chip's arguments: our shards (int4 packed) and the cache, plus a few KB
+            extra = r[step]["argument_gb"] * 1e9 - (r["weights_gb"] + r["kv_cache_gb"]) * 1e9
+            assert 0 <= extra < 64 * 1024, (step, extra)
