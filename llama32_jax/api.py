@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -15,9 +16,9 @@ from llama32_jax import sharding
 from llama32_jax.checkpoint.gguf import read_gguf
 from llama32_jax.checkpoint.hf import read_hf_params
 from llama32_jax.checkpoint.meta import read_meta_params
-from llama32_jax.checkpoint.orbax_ckpt import is_converted_checkpoint, read_manifest, restore_params
+from llama32_jax.checkpoint.orbax_ckpt import is_converted_checkpoint, manifest_quant, read_manifest, restore_params
 from llama32_jax.configs.base import ATTENTION_IMPLS, DTYPES, ModelConfig
-from llama32_jax.errors import CheckpointError, InvalidInputError
+from llama32_jax.errors import CheckpointError, InvalidInputError, QuantizationError
 from llama32_jax.inference import guard
 from llama32_jax.inference.generate import (
     GenerationOutput,
@@ -417,8 +418,10 @@ def load(
     quantization of the projections (text decoder, cross-attention blocks, vision tower, untied head), or a
     :class:`~llama32_jax.quant.QuantConfig` (group size; ``skip=("vision", "head")`` keeps those in ``dtype``).
     Embeddings and norms stay in ``dtype``. Float weights are quantized one at a time on the host, so the device
-    never holds them. A checkpoint converted with ``--quantize`` is restored as stored; ``quantize`` may then be
-    None or its own setting, anything else is a :class:`~llama32_jax.errors.QuantizationError`.
+    never holds them. A checkpoint converted with ``--quantize`` is restored as stored (with ``mesh``: its int
+    values and scales straight into the plan's shardings); ``quantize`` may then be None, its own setting or its
+    mode's name, anything else is a :class:`~llama32_jax.errors.QuantizationError`. A float converted checkpoint
+    loaded with ``quantize`` is restored to host memory and quantized there. ``dtype`` is the float parameters'.
 
     Bad arguments raise :class:`~llama32_jax.errors.InvalidInputError` naming them (``path`` not a str/PathLike or
     empty, an unknown ``dtype`` -- a name in ``DTYPES`` or the matching dtype object --, ``attention_impl``,
@@ -452,20 +455,7 @@ def load(
             attention_impl,
         )
     if os.path.isdir(path) and is_converted_checkpoint(path):
-        target = None
-        if placement is not None:  # each array is read straight into its shards (each host reads only its own)
-            _, stored = read_manifest(path)
-            validate(stored, placement[0])
-            target = restore_shardings(stored, *placement)
-        config, params = restore_params(path, param_dtype=param_dtype, sharding=target)
-        config = config.replace(scan_layers=scan_layers)
-        has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
-        tokenizer = load_tokenizer(path) if has_tok else None
-        return _placed(
-            Model(load_params(config, params, param_dtype=param_dtype, quant=quant), tokenizer, source=path),
-            placement,
-            attention_impl,
-        )
+        return _load_converted(path, placement, param_dtype, quantize, scan_layers, attention_impl)
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         config, params = read_hf_params(path)
         config = config.replace(scan_layers=scan_layers)
@@ -489,3 +479,53 @@ def load(
         f"{path!r} is not a checkpoint llama32_jax can load: expected a converted directory (llama32_jax.json), an "
         "HF directory (config.json), a Meta directory (params.json) or a .gguf file"
     )
+
+
+def _load_converted(path: str, placement, param_dtype, quantize, scan_layers: bool, attention_impl: str) -> Model:
+    """A converted (Orbax) checkpoint, restored straight into the plan's shardings (or onto the first device).
+
+    A quantized checkpoint restores its int values and fp32 scales as stored: ``quantize`` must be None, its own
+    :class:`~llama32_jax.quant.QuantConfig` or its mode's name. A float checkpoint loaded with ``quantize`` is
+    restored to host memory in its stored dtype, quantized there weight by weight, and only the quantized model
+    goes to the devices. The plan is checked against the (quantized) model before anything is read."""
+    record, stored = read_manifest(path)
+    stored_quant = manifest_quant(record)
+    quant = resolve_quantize(quantize)
+    if stored_quant is not None:
+        if not (quant is None or quant == stored_quant or quantize == stored_quant.mode):
+            raise QuantizationError(
+                f"{path!r} is a quantized checkpoint ({stored_quant.describe()}) and cannot be loaded with "
+                f"quantize={quant.describe()!r}: pass quantize=None or its own setting, or convert the float source "
+                "again with the setting you want"
+            )
+        quant = stored_quant
+    if placement is not None:
+        validate(stored, placement[0], quant)
+    on_host = stored_quant is None and quant is not None
+    if on_host:
+        target, restore_dtype = _host_sharding(), None
+    elif placement is not None:  # each array is read straight into its shards (each host reads only its own)
+        target, restore_dtype = restore_shardings(stored, *placement, quant=stored_quant), param_dtype
+    else:
+        target, restore_dtype = None, param_dtype
+    config, params = restore_params(path, param_dtype=restore_dtype, sharding=target)
+    if on_host:
+        params = jax.tree.map(np.asarray, params)
+    config = config.replace(scan_layers=scan_layers)
+    has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
+    tokenizer = load_tokenizer(path) if has_tok else None
+    return _placed(
+        Model(load_params(config, params, param_dtype=param_dtype, quant=quant), tokenizer, source=path),
+        placement,
+        attention_impl,
+    )
+
+
+def _host_sharding() -> Callable[[tuple, tuple], Any]:
+    """Restore onto the host's CPU device (present beside any accelerator), not onto an accelerator."""
+    try:
+        device = jax.devices("cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: the default device is all there is
+        device = jax.devices()[0]
+    host = jax.sharding.SingleDeviceSharding(device)
+    return lambda path, shape: host

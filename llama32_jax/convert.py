@@ -2,6 +2,13 @@
 
     python -m llama32_jax.convert --source Llama-3.2-1B/original --output ckpt/llama-3.2-1b [--dtype bfloat16]
     python -m llama32_jax.convert --source ckpt/llama-3.2-1b --output hf/llama-3.2-1b --to hf
+    python -m llama32_jax.convert --source Llama-3.2-1B --output ckpt/llama-3.2-1b-int4 --quantize int4 \
+        [--group-size 128] [--keep-float vision,head]
+
+``--quantize int8|int4`` writes a weight-only quantized checkpoint (int values + fp32 scales, quantized tensor by
+tensor as they stream; ``--dtype`` is then the dtype of the parameters that stay float): ``--group-size`` is the
+int4 group (a power of two dividing every quantized weight's input dimension, default 128), ``--keep-float`` a
+comma-separated list of parts left in float (``vision``: the vision tower, ``head``: the untied output head).
 
 Paths may be relative, start with ``~`` or pass through symlinks. The output must not overlap the source (either
 way), and ``--overwrite`` replaces only an empty directory or a complete earlier output of llama32_jax (a
@@ -30,7 +37,8 @@ from llama32_jax.checkpoint.pipeline import check_output
 from llama32_jax.checkpoint.pipeline import convert as convert
 from llama32_jax.checkpoint.safety import check_source_dir
 from llama32_jax.configs.base import DTYPES
-from llama32_jax.errors import LlamaJaxError
+from llama32_jax.errors import LlamaJaxError, QuantizationError
+from llama32_jax.quant.config import GROUP_SIZE, MODES, SKIPPABLE, QuantConfig
 from llama32_jax.sharding.tpu import quiet_libtpu_on_cpu_host
 
 DEFAULT_FLUSH_MB = 256.0
@@ -65,13 +73,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--flush-mb", type=_flush_mb, default=None, help="write to Orbax every this many MB (default 256)")
     p.add_argument("--compress", action="store_true", help="zstd-compress the stored arrays (needs more memory)")
     p.add_argument("--rope-factor", type=float, default=None, help="Meta sources: override the RoPE scaling factor")
+    p.add_argument("--quantize", choices=MODES, default=None, help="weight-only quantization (default: none)")
+    p.add_argument(
+        "--group-size", type=int, default=None, help=f"int4: inputs per scale, a power of two (default {GROUP_SIZE})"
+    )
+    p.add_argument(
+        "--keep-float",
+        default=None,
+        metavar="PARTS",
+        help=f"with --quantize: comma-separated parts kept in --dtype, from {','.join(SKIPPABLE)}",
+    )
     tie = p.add_mutually_exclusive_group()
     tie.add_argument("--tied", dest="tie", action="store_true", default=None, help="Meta: output head = embedding")
     tie.add_argument("--untied", dest="tie", action="store_false", help="Meta: separate output head")
     return p
 
 
+def _quant(args) -> QuantConfig | None:
+    """``--quantize`` / ``--group-size`` / ``--keep-float`` as a :class:`QuantConfig` (None: no quantization)."""
+    if args.quantize is None:
+        if args.group_size is not None or args.keep_float is not None:
+            raise QuantizationError("--group-size and --keep-float apply with --quantize int8|int4 only")
+        return None
+    if args.group_size is not None and args.quantize != "int4":
+        raise QuantizationError("--group-size applies to --quantize int4 (int8 has one scale per output channel)")
+    keep = () if args.keep_float is None else tuple(p.strip() for p in args.keep_float.split(",") if p.strip())
+    group = GROUP_SIZE if args.group_size is None else args.group_size
+    return QuantConfig(args.quantize, group, keep)
+
+
 def _export_hf(args) -> str:
+    if args.quantize is not None or args.group_size is not None or args.keep_float is not None:
+        raise LlamaJaxError(
+            "--quantize/--group-size/--keep-float apply to conversion to orbax; an HF export is float "
+            "(a quantized source is dequantized)"
+        )
     if args.rope_factor is not None or args.tie is not None:
         raise LlamaJaxError("--rope-factor/--tied/--untied apply to conversion to orbax, not to --to hf")
     if args.flush_mb is not None or args.compress:
@@ -182,6 +218,7 @@ def _run(args, t0: float) -> int:
                 tie_embeddings=args.tie,
                 flush_bytes=int((args.flush_mb or DEFAULT_FLUSH_MB) * 2**20),
                 compress=args.compress,
+                quantize=_quant(args),
             )
     except LlamaJaxError as e:
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)

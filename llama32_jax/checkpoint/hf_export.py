@@ -6,6 +6,10 @@ marks it as an export of ours (format ``llama32_jax-hf-export`` and the list of 
 directory (or a converted checkpoint, or an empty directory) may be replaced with ``overwrite``. Weights are
 written with HF names and torch's ``(out, in)`` layout (``state_dict_from_params``); bf16 is written exactly
 (safetensors ``BF16``).
+
+A quantized model (``quantize=`` / a ``--quantize`` checkpoint) is exported dequantized: each weight is written as
+``q * scale`` (computed in fp32, then cast to ``dtype``), the float model it computes with, which any HF loader
+reads; HF has no format for our int8 / int4 values and scales. The export marker records the quantization.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from llama32_jax.checkpoint.safety import EXPORT_FORMAT, EXPORT_MARKER, user_pat
 from llama32_jax.configs.base import ModelConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError
 from llama32_jax.inputs.tokenizer import HFTokenizer, LlamaTokenizer, default_llama3_tokenizer_path
+from llama32_jax.models.quantize import quant_targets
 from llama32_jax.models.text import unstack_layers
+from llama32_jax.quant.arrays import dequantize
 
 __all__ = ["export_hf", "hf_config_dict", "write_export_marker", "write_hf_files", "write_safetensors"]
 
@@ -107,7 +113,7 @@ def write_hf_files(model: Any, directory: Path, *, dtype: str, tokenizer_dir: Pa
     module = getattr(model, "module", model)
     config: ModelConfig = module.config
     np_dtype = ml_dtypes.bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
-    params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
+    params = dequantized(module, nnx.to_pure_dict(nnx.state(module, nnx.Param)))
     if config.scan_layers:
         params = unstack_layers(params)
     tensors = {k: np.asarray(v).astype(np_dtype) for k, v in state_dict_from_params(config, params, "hf").items()}
@@ -121,6 +127,24 @@ def write_hf_files(model: Any, directory: Path, *, dtype: str, tokenizer_dir: Pa
                 shutil.copy(src, directory / name)
     elif getattr(model, "tokenizer", None) is not None:
         write_tokenizer_files(model, directory)
+
+
+def dequantized(module: Any, params: dict) -> dict:
+    """``params`` (the module's pure dict) with every quantized weight replaced by its fp32 dequantization and
+    the scales dropped, one weight at a time on the host; a float model's params are returned as they are."""
+    quant = getattr(module, "quant_config", None)
+    if quant is None:
+        return params
+    for kpath, target in quant_targets(module.config, quant).items():
+        parent = params
+        for key in kpath[:-1]:
+            parent = parent[key]
+        scale_parent = params
+        for key in target.scale_path[:-1]:
+            scale_parent = scale_parent[key]
+        q, scale = np.asarray(parent[kpath[-1]]), np.asarray(scale_parent.pop(target.scale_path[-1]))
+        parent[kpath[-1]] = dequantize(q, scale, target.n_in, target.mode, target.group, np.float32)
+    return params
 
 
 def write_tokenizer_files(model: Any, directory: str | os.PathLike) -> list[str]:
@@ -185,7 +209,8 @@ def export_hf(
     tokenizer_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` (an ``llama32_jax.Model`` or a text ``Transformer`` module) as an HF directory.
+    """Write ``model`` (an ``llama32_jax.Model`` or a text ``Transformer`` module) as an HF directory; a quantized
+    model is written dequantized (``q * scale`` in fp32, cast to ``dtype``: see the module docstring).
 
     Tokenizer files are copied from ``tokenizer_dir``; by default from the model's source directory, or written
     from the loaded tokenizer (GGUF and built-in models: ``tokenizer.json``; Meta: ``tokenizer.model``). The
@@ -213,7 +238,9 @@ def export_hf(
             raise InvalidInputError(f"tokenizer_dir {str(tok_dir)!r} is not a directory")
     elif source is not None and source.is_dir() and getattr(model, "tokenizer", None) is None:
         tok_dir = source
+    quant = getattr(module, "quant_config", None)
     with atomic_directory(out, overwrite=overwrite) as tmp:
         write_hf_files(model, tmp, dtype=dtype, tokenizer_dir=tok_dir)
-        write_export_marker(tmp, dtype=dtype)
+        extra = {} if quant is None else {"dequantized_from": quant.to_json()}
+        write_export_marker(tmp, dtype=dtype, **extra)
     return out

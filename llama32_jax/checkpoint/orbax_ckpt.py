@@ -6,7 +6,8 @@ Layout of a converted directory::
       params/            Orbax checkpoint (OCDBT) of the per-layer parameter tree; layer indices are string keys
       tokenizer.model    (Meta sources) or tokenizer.json + tokenizer_config.json ... (HF / GGUF sources)
       llama32_jax.json   the manifest, written last: format version, our config, dtype, source, tokenizer files,
-                         and the size of every file under params/
+                         the size of every file under params/ and, for a quantized checkpoint, its
+                         ``quantization`` (:meth:`~llama32_jax.quant.QuantConfig.to_json`)
 
 A directory is a converted checkpoint only if it holds the manifest *and* a finalized Orbax tree; the converter
 writes both inside a temporary sibling and renames it into place, so nothing half-written carries a manifest
@@ -15,6 +16,13 @@ manifest records, so a truncated or deleted array file is a :class:`~llama32_jax
 it (any other damage Orbax reports is one too, with the parameter named where TensorStore says which).
 Restoring builds its targets as ``jax.ShapeDtypeStruct``\\s with the caller's shardings, so arrays land directly
 where a mesh wants them (nothing is restored to one device first).
+
+A quantized checkpoint (``llama32_jax.convert --quantize``) stores each quantized kernel as its ``int8`` / ``int4``
+values under the kernel's own path and its fp32 scale beside it (``kernel_scale``, ``lm_head_scale``); the other
+parameters are floats in ``dtype``. Its tree is that of the quantized model
+(:func:`llama32_jax.models.build.abstract_model` with ``quant``), so it restores the same way, values and scales
+straight into their shardings. A manifest without ``quantization`` is a float checkpoint (the format version is
+the same: float checkpoints written before quantization existed read as before).
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ import numpy as np
 from llama32_jax.checkpoint.safety import MANIFEST, ORBAX_FORMAT, os_errno, short, storage_error, user_path
 from llama32_jax.configs.base import DTYPES, ModelConfig
 from llama32_jax.configs.readers import config_from_dict, config_to_dict
-from llama32_jax.errors import CheckpointError, ConfigError, LlamaJaxError
+from llama32_jax.errors import CheckpointError, ConfigError, LlamaJaxError, QuantizationError
 from llama32_jax.models.build import abstract_model
+from llama32_jax.models.quantize import quant_targets
 from llama32_jax.nn.layers import flatten_tree
+from llama32_jax.quant.config import QuantConfig
 
 PARAMS_DIR = "params"
 FORMAT = ORBAX_FORMAT
@@ -143,8 +153,17 @@ class ParamWriter:
         return CheckpointError(f"writing the Orbax checkpoint under {str(self.directory)!r} failed: {short(e)}")
 
 
-def write_manifest(directory: str | os.PathLike, config: ModelConfig, *, dtype: str, source: dict, tokenizer: list):
-    """Write the manifest (last step of a conversion: its presence marks the directory complete)."""
+def write_manifest(
+    directory: str | os.PathLike,
+    config: ModelConfig,
+    *,
+    dtype: str,
+    source: dict,
+    tokenizer: list,
+    quant: QuantConfig | None = None,
+):
+    """Write the manifest (last step of a conversion: its presence marks the directory complete). ``dtype`` is the
+    float parameters' dtype; ``quant`` (recorded as ``quantization``) marks a quantized checkpoint."""
     record = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
@@ -155,6 +174,8 @@ def write_manifest(directory: str | os.PathLike, config: ModelConfig, *, dtype: 
         "tokenizer_files": tokenizer,
         "files": _file_sizes(Path(directory), PARAMS_DIR),
     }
+    if quant is not None:
+        record["quantization"] = quant.to_json()
     path = Path(directory) / MANIFEST
     with open(path, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
@@ -214,12 +235,24 @@ def read_manifest(directory: str | os.PathLike) -> tuple[dict, ModelConfig]:
         config = config_from_dict(record["config"])
     except (KeyError, TypeError, ConfigError) as e:
         raise CheckpointError(f"{str(path)!r}: its config is invalid: {short(e)}") from e
+    if record.get("quantization") is not None:
+        try:
+            QuantConfig.from_json(record["quantization"])
+        except (QuantizationError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{str(path)!r}: its 'quantization' record is invalid: {short(e)}") from e
     params = root / sub
     if not params.is_dir():
         raise CheckpointError(f"{str(root)!r} has no {sub}/ directory: its parameters are missing")
     if not (params / "commit_success.txt").is_file() and not (params / "_CHECKPOINT_METADATA").is_file():
         raise CheckpointError(f"{str(params)!r} is not a finalized Orbax checkpoint (interrupted conversion?)")
     return record, config
+
+
+def manifest_quant(record: Mapping) -> QuantConfig | None:
+    """The :class:`~llama32_jax.quant.QuantConfig` a checkpoint was quantized with (from :func:`read_manifest`'s
+    record, which checked it), or None for a float checkpoint."""
+    data = record.get("quantization")
+    return None if data is None else QuantConfig.from_json(data)
 
 
 def check_files(root: Path, record: dict) -> None:
@@ -244,19 +277,27 @@ def check_files(root: Path, record: dict) -> None:
 _PARAM_IN_ERROR = re.compile(r'"([A-Za-z0-9_.]+)/(?:c/|zarr\.json)')
 
 
-def _abstract_tree(config: ModelConfig, dtype, sharding: Callable[[tuple, tuple], Any] | None) -> dict:
-    """ShapeDtypeStructs for our per-layer tree (string keys, as stored), with the shardings asked for."""
+def _abstract_tree(
+    config: ModelConfig, dtype, sharding: Callable[[tuple, tuple], Any] | None, quant: QuantConfig | None = None
+) -> dict:
+    """ShapeDtypeStructs for our per-layer tree (string keys, as stored), with the shardings asked for: every
+    float parameter in ``dtype``; with ``quant``, the quantized values in their int dtype and the scales in fp32."""
     import jax
     from flax import nnx
 
-    abstract = abstract_model(config.replace(scan_layers=False), param_dtype=dtype)
+    per_layer = config.replace(scan_layers=False)
+    abstract = abstract_model(per_layer, param_dtype=dtype, quant=quant)
     flat = flatten_tree(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    kept = set()  # leaves restored in their own dtype: quantized values and their scales
+    if quant is not None:
+        for kpath, target in quant_targets(per_layer, quant).items():
+            kept.update((kpath, target.scale_path))
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     out = {}
     for path, leaf in flat.items():
         shape = tuple(leaf.shape)
         spec = sharding(path, shape) if sharding is not None else default
-        out[path] = jax.ShapeDtypeStruct(shape, dtype, sharding=spec)
+        out[path] = jax.ShapeDtypeStruct(shape, leaf.dtype if path in kept else dtype, sharding=spec)
     return _nest(out)
 
 
@@ -268,9 +309,11 @@ def restore_params(
 ) -> tuple[ModelConfig, dict]:
     """Restore a converted checkpoint's parameters: ``(config, per-layer tree of jax.Arrays)``.
 
-    ``param_dtype`` (default: the stored dtype) is the dtype arrays are restored as. ``sharding(path, shape)``
-    returns the ``jax.sharding.Sharding`` for one parameter (e.g. a ``NamedSharding`` over a mesh); Orbax reads
-    each array straight into it. Default: the first device.
+    ``param_dtype`` (default: the stored dtype) is the dtype float arrays are restored as; a quantized
+    checkpoint's int values and fp32 scales keep their own (:func:`manifest_quant` says whether it is one).
+    ``sharding(path, shape)`` returns the ``jax.sharding.Sharding`` for one parameter (e.g. a ``NamedSharding``
+    over a mesh; for a quantized checkpoint it is also asked for the scales' paths); Orbax reads each array
+    straight into it. Default: the first device.
     """
     import jax.numpy as jnp
 
@@ -280,7 +323,7 @@ def restore_params(
     dtype = jnp.dtype(param_dtype if param_dtype is not None else record["dtype"])
     v1 = _orbax_v1()
     path = root / record.get("params", PARAMS_DIR)
-    target = _abstract_tree(config, dtype, sharding)
+    target = _abstract_tree(config, dtype, sharding, manifest_quant(record))
     load = getattr(v1, "load", None) or v1.load_pytree
     try:
         tree = load(path, target)

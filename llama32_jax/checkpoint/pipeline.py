@@ -7,6 +7,13 @@ tables (strict: an unused source key, a shape mismatch or an unfilled parameter 
 flushes every few hundred MB. Peak host memory is therefore a small
 multiple of the largest tensor, whatever the model size (``experiments/bench_convert.py`` measures it).
 
+With ``quantize`` (``"int8"``, ``"int4"`` or a :class:`~llama32_jax.quant.QuantConfig`) every weight that
+:func:`~llama32_jax.models.quantize.quant_targets` names is quantized as soon as it is mapped, from the source's own
+values, a block of output channels at a time (:func:`quantize_weight`), and written as its int values plus fp32
+scale; the float copy is dropped at once, so the memory bound is the float conversion's. The other parameters are
+cast to ``dtype``. The manifest records the :class:`QuantConfig`; an int4 group size that does not divide a
+weight's input dimension is a :class:`~llama32_jax.errors.QuantizationError` raised before anything is written.
+
 Everything is written inside a temporary sibling of the output (``.<name>.converting-<pid>-<id>``), which is
 renamed into place only when complete: an interrupted or failed run leaves no output directory, and its temporary
 directory is removed on failure, or by the next run once the process that made it is gone (after a SIGKILL).
@@ -30,6 +37,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 
 from llama32_jax.checkpoint.convert_vision import tensor_mapper
@@ -43,6 +51,11 @@ from llama32_jax.configs.hf import from_hf_config
 from llama32_jax.configs.readers import from_params_json
 from llama32_jax.errors import CheckpointError, InvalidInputError, TokenizerError, UnsafePathError
 from llama32_jax.inputs import tokenizer as tokenizers
+from llama32_jax.models.build import abstract_model
+from llama32_jax.models.quantize import Target, quant_targets
+from llama32_jax.quant.arrays import quantize as quantize_array
+from llama32_jax.quant.arrays import scale_shape
+from llama32_jax.quant.config import QuantConfig, resolve_quantize
 
 HF_TOKENIZER_FILES = (
     "tokenizer.json",
@@ -53,6 +66,7 @@ HF_TOKENIZER_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
+QUANT_BLOCK_BYTES = 64 * 2**20  # fp32 bytes of one block of output channels quantized at once
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<kind>converting|replaced)-(?P<pid>\d+)-[0-9a-f]+$")
 
 
@@ -311,6 +325,34 @@ def check_tokenizer(src: Source) -> None:
         ) from e
 
 
+def quant_plan(config: ModelConfig, quant: QuantConfig | None) -> dict[tuple[str, ...], Target]:
+    """``{kernel path (string keys, as the mapper's paths print): Target}`` of the per-layer tree under ``quant``
+    (empty without it). Builds the quantized abstract model first (no memory), so an int4 group size that does
+    not divide a weight's input dimension is a :class:`QuantizationError` before anything is written."""
+    if quant is None:
+        return {}
+    per_layer = config.replace(scan_layers=False)
+    abstract_model(per_layer, quant=quant)
+    return {tuple(map(str, k)): t for k, t in quant_targets(per_layer, quant).items()}
+
+
+def quantize_weight(w: np.ndarray, target: Target, block_bytes: int = QUANT_BLOCK_BYTES):
+    """``w [*out, *in]`` -> ``(q, scale)`` exactly as :func:`llama32_jax.quant.arrays.quantize` computes them,
+    a block of output channels at a time: each channel's (int8) or group's (int4) scale depends on its own inputs
+    only, so blocks give the same bits while the fp32 temporaries stay under ``block_bytes``."""
+    shape = tuple(w.shape)
+    sshape = scale_shape(shape, target.n_in, target.mode, target.group)
+    n_out = int(np.prod(shape[: len(shape) - target.n_in], dtype=np.int64))
+    n_in = int(np.prod(shape[len(shape) - target.n_in :], dtype=np.int64))
+    rows = w.reshape(n_out, n_in)
+    q = np.empty((n_out, n_in), np.int8 if target.mode == "int8" else ml_dtypes.int4)
+    scale = np.empty((n_out, *sshape[len(shape) - target.n_in :]), np.float32)
+    step = max(1, block_bytes // (4 * n_in))
+    for r in range(0, n_out, step):
+        q[r : r + step], scale[r : r + step] = quantize_array(rows[r : r + step], 1, target.mode, target.group)
+    return q.reshape(shape), scale.reshape(sshape)
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -326,6 +368,7 @@ def convert(
     flush_bytes: int = 256 * 2**20,
     compress: bool = False,
     config: ModelConfig | None = None,
+    quantize: str | QuantConfig | None = None,
 ) -> Path:
     """Convert a Meta or HF checkpoint directory into a llama32_jax Orbax checkpoint at ``output``.
 
@@ -338,6 +381,10 @@ def convert(
     error. ``rope_factor`` / ``tie_embeddings``: Meta sources only, as in
     :func:`~llama32_jax.configs.from_params_json` (``tie_embeddings=None`` decides from the tensors).
     ``config``: use this config instead of the directory's (the tensors must fit it exactly).
+    ``quantize``: ``"int8"`` / ``"int4"`` / a :class:`~llama32_jax.quant.QuantConfig` (group size, parts kept in
+    float) writes a quantized checkpoint (see the module docstring); ``dtype`` then applies to the parameters that
+    stay float. An int4 group size that does not divide a weight's input dimension is a
+    :class:`~llama32_jax.errors.QuantizationError` raised before anything is written.
     ``flush_bytes``: how much is queued before each Orbax write (a finite number >= 0). ``compress``:
     zstd-compress the stored arrays (smaller files, but Orbax then holds a compressed copy of each write in memory).
 
@@ -346,17 +393,18 @@ def convert(
     :class:`~llama32_jax.errors.StorageError` and leaves nothing behind. Returns the output's real path. Load the
     result with ``llama32_jax.load(output)``.
     """
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
     from tqdm.auto import tqdm
 
     if dtype not in DTYPES:
         raise InvalidInputError(f"dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
     flush_bytes = check_flush_bytes(flush_bytes)
+    quant = resolve_quantize(quantize)
     np_dtype = np.dtype(dtype)
     src = open_source(source, rope_factor=rope_factor, tie_embeddings=tie_embeddings, config=config)
     out = check_output(output, overwrite=overwrite, source=src.path)
     check_tokenizer(src)
     config = src.config
+    targets = quant_plan(config, quant)
     mapper = tensor_mapper(config, src.fmt)
     digests: dict[str, str] = {}
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -378,7 +426,14 @@ def convert(
                 mapped = mapper.map(key, array)
                 bar.update(src.nbytes.get(key, array.nbytes))
                 for path, value in mapped:
-                    writer.add(path, np.asarray(value).astype(np_dtype, copy=False))
+                    target = targets.get(tuple(map(str, path)))
+                    if target is None:
+                        writer.add(path, np.asarray(value).astype(np_dtype, copy=False))
+                        continue
+                    q, scale = quantize_weight(np.asarray(value), target)
+                    writer.add(path, q)
+                    writer.add(target.scale_path, scale)
+                    del q, scale
                 del array, mapped
             mapper.finish()
             head = mapper.tied_head_key
@@ -393,6 +448,6 @@ def convert(
             shutil.copy2(file, tmp / file.name)
             names.append(file.name)
         record = {"format": src.fmt, "path": os.path.realpath(src.path)}
-        write_manifest(tmp, config, dtype=dtype, source=record, tokenizer=names)
+        write_manifest(tmp, config, dtype=dtype, source=record, tokenizer=names, quant=quant)
         _fsync_tree(tmp)
     return out

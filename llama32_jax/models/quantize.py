@@ -138,7 +138,7 @@ def quantize_tree(config: ModelConfig, params: Mapping, quant: QuantConfig, *, p
         if parent is None or kpath[-1] not in parent:
             continue  # load_params reports what is missing
         value = parent[kpath[-1]]
-        if np.issubdtype(np.dtype(value.dtype), np.integer):
+        if jax.numpy.issubdtype(value.dtype, jax.numpy.integer):  # int4 too (numpy's issubdtype says no)
             continue
         if isinstance(value, jax.Array):
             q, s = jax.jit(quantize, static_argnums=(1, 2, 3))(value, target.n_in, target.mode, target.group)
