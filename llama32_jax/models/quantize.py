@@ -7,6 +7,7 @@ its call then runs :func:`llama32_jax.quant.arrays.qlinear`. The untied output h
 doc; ``model.quant_config`` records it.
 
 - :func:`quantize_model` quantizes a built model in place (concrete, or abstract under ``nnx.eval_shape``);
+  :func:`dequantize_model` turns it back into a float model (``q * scale``; what merging QLoRA adapters uses);
 - :func:`quant_targets` lists, for a config, every parameter path that is quantized with its scale's path;
 - :func:`quantize_tree` quantizes a float parameter tree (our names) one weight at a time, on the host for numpy
   leaves: what loading and conversion use, so no device ever holds the float weights.
@@ -28,7 +29,7 @@ from llama32_jax.models.mllama import Mllama
 from llama32_jax.models.text import Transformer
 from llama32_jax.models.vision import Linear
 from llama32_jax.nn.layers import Einsum, HeadsProjection, MergeHeadsProjection
-from llama32_jax.quant.arrays import quantize, scale_axes, scale_shape
+from llama32_jax.quant.arrays import dequantize, quantize, scale_axes, scale_shape
 from llama32_jax.quant.config import QuantConfig
 
 VISION_PARTS = ("vision", "projector")  # top-level attributes of Mllama that form the vision tower
@@ -98,6 +99,50 @@ def quantize_model(model: nnx.Module, quant: QuantConfig) -> nnx.Module:
         model.lm_head, model.lm_head_scale = _quantized_param(model.lm_head, 1, quant)
         model.head_quant = (quant.mode, quant.group)
     model.quant_config = quant
+    return model
+
+
+def compute_dtype(model: nnx.Module):
+    """The dtype of ``model``'s float parameters (its ``param_dtype``): that of the token embedding, which is never
+    quantized (float32 for a module without one)."""
+    embed = getattr(getattr(model, "embed", None), "embedding", None)
+    return embed.dtype if embed is not None else jax.numpy.float32
+
+
+def dequantized_kernel(proj: nnx.Module) -> jax.Array:
+    """A quantized projection's kernel as fp32 ``q * scale``, in the kernel's shape."""
+    mode, group = proj.quant
+    return dequantize(proj.kernel[...], proj.kernel_scale[...], n_in_axes(proj), mode, group, jax.numpy.float32)
+
+
+def set_float_kernel(proj: nnx.Module, value: jax.Array) -> None:
+    """Give ``proj`` the float ``value`` as its kernel (the kernel's metadata, its logical axes included) and drop
+    its quantized state, so it runs the float path again."""
+    proj.kernel = nnx.Param(value, **proj.kernel.get_metadata())
+    proj.kernel_scale = nnx.data(None)
+    proj.quant = None
+
+
+def dequantize_model(model: nnx.Module, dtype=None) -> nnx.Module:
+    """Turn a quantized ``model`` back into a float one in place and return it: every quantized kernel (and the
+    untied head) becomes ``q * scale`` computed in fp32 and cast to ``dtype`` (default :func:`compute_dtype`, the
+    dtype of the model's other float parameters); scales and ``quant_config`` are cleared, so the model has the
+    structure of one that was never quantized (exportable, fully trainable). The values are the dequantized
+    weights, not the original float ones: quantization error stays. A float model is returned unchanged."""
+    if not isinstance(model, nnx.Module):
+        raise InvalidInputError(f"dequantize_model needs an nnx.Module, got {type(model).__name__}")
+    dtype = compute_dtype(model) if dtype is None else dtype
+    for _, node in list(nnx.iter_graph(model)):
+        if isinstance(node, (Einsum, HeadsProjection, MergeHeadsProjection, Linear)) and node.quant is not None:
+            set_float_kernel(node, dequantized_kernel(node).astype(dtype))
+    if getattr(model, "head_quant", None) is not None:
+        mode, group = model.head_quant
+        head = dequantize(model.lm_head[...], model.lm_head_scale[...], 1, mode, group, jax.numpy.float32)
+        model.lm_head = nnx.Param(head.astype(dtype), **model.lm_head.get_metadata())
+        model.lm_head_scale = nnx.data(None)
+        model.head_quant = None
+    if hasattr(model, "quant_config"):
+        model.quant_config = None
     return model
 
 

@@ -18,6 +18,17 @@ Targets (:data:`TARGETS`):
 Both layer layouts work: in the scanned layout an adapter is stacked like its kernel (``[L, r, in]``).
 Adapter axes use the projection's logical axes and ``lora_rank`` (never sharded), so sharding plans place them
 with their kernels.
+
+QLoRA: adapters on a weight-only quantized model (:mod:`llama32_jax.models.quantize`, quantize first). The kernel
+then holds int8 / int4 codes: the adapter takes its shapes from the kernel's shape and axes as usual, but its dtype
+is the model's float compute dtype (:func:`~llama32_jax.models.quantize.compute_dtype`, the embedding's), never the
+kernel's integer one. Training differentiates only the adapters; the codes and their scales are frozen state.
+:func:`merge_lora` on a quantized base returns a FLOAT model: each adapted kernel becomes ``q * scale + (alpha / r)
+B A`` (in fp32, then cast to the compute dtype), and every other quantized kernel (and the untied head) is
+dequantized too (:func:`~llama32_jax.models.quantize.dequantize_model`), ``quant_config`` cleared. One consistent
+model results, of exactly the structure of a float model: it exports (``export_hf``), loads anywhere and can be
+quantized again. The merged weights are the dequantized base plus the adapters, so the merged model computes what
+the quantized model with its adapters did (up to rounding).
 """
 
 from __future__ import annotations
@@ -32,6 +43,7 @@ from flax import nnx
 
 from llama32_jax import dims
 from llama32_jax.errors import InvalidInputError
+from llama32_jax.models.quantize import compute_dtype, dequantize_model, dequantized_kernel, set_float_kernel
 from llama32_jax.nn.layers import Einsum, HeadsProjection, MergeHeadsProjection
 
 TARGETS = ("attention", "mlp", "cross")
@@ -117,7 +129,8 @@ def add_lora(
 ) -> int:
     """Attach a LoRA adapter to every projection of ``targets`` (:data:`TARGETS`) in place; returns how many.
 
-    The adapters' dtype is the kernels'. Raises :class:`InvalidInputError` for an unknown target, a target the model
+    The adapters' dtype is the kernels' (the model's float compute dtype where a kernel is quantized: QLoRA).
+    Raises :class:`InvalidInputError` for an unknown target, a target the model
     does not have (``"cross"`` on a text model), a bad rank, alpha or seed, or a model that already has adapters.
     """
     _check_model(model, "add_lora")
@@ -151,9 +164,8 @@ def add_lora(
         if target not in found:
             continue
         n_in, n_out, in_axis, out_axis, stack = _geometry(node)
-        node.lora = LoRA(
-            n_in, n_out, in_axis, out_axis, rank=rank, alpha=alpha, dtype=node.kernel.dtype, stack=stack, rngs=rngs
-        )
+        dtype = node.kernel.dtype if getattr(node, "quant", None) is None else compute_dtype(model)
+        node.lora = LoRA(n_in, n_out, in_axis, out_axis, rank=rank, alpha=alpha, dtype=dtype, stack=stack, rngs=rngs)
         found[target] += 1
     missing = [t for t, n in found.items() if n == 0]
     if missing:
@@ -185,10 +197,22 @@ def lora_param_count(model: nnx.Module) -> int:
 
 def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every adapter into its kernel (``W += (alpha / r) B A``, computed in fp32) and remove the adapters;
-    returns the model (changed in place), which then has exactly the structure of one without LoRA."""
-    for proj in _adapted(model, "merge_lora"):
-        kernel = proj.kernel[...]
-        delta = proj.lora.delta().reshape(kernel.shape)  # the flattened [out, in] order is the kernel's own
-        proj.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
+    returns the model (changed in place), which then has exactly the structure of one without LoRA.
+
+    On a quantized model (QLoRA) the result is a float model: each adapted kernel becomes its fp32 dequantized
+    weight plus the delta, and every remaining quantized weight is dequantized (module docstring)."""
+    adapted = _adapted(model, "merge_lora")
+    quantized = getattr(model, "quant_config", None) is not None or any(p.quant is not None for p in adapted)
+    dtype = compute_dtype(model)
+    for proj in adapted:
+        if proj.quant is not None:  # QLoRA: dequantize in fp32, add, keep a float kernel
+            kernel = dequantized_kernel(proj)
+            set_float_kernel(proj, (kernel + proj.lora.delta().reshape(kernel.shape)).astype(dtype))
+        else:
+            kernel = proj.kernel[...]
+            delta = proj.lora.delta().reshape(kernel.shape)  # the flattened [out, in] order is the kernel's own
+            proj.kernel[...] = (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
         proj.lora = None
+    if quantized:
+        dequantize_model(model, dtype)
     return model

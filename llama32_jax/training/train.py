@@ -180,6 +180,12 @@ def split_for_training(model: nnx.Module, cfg: TrainConfig) -> tuple[Any, nnx.St
             shard_model(model, placement.plan, placement.mesh)
     if cfg.mode == "full" and has_lora(model):
         raise InvalidInputError("full fine-tuning of a model with LoRA adapters: merge_lora(model) first")
+    if cfg.mode == "full" and getattr(model, "quant_config", None) is not None:
+        raise InvalidInputError(
+            f"full fine-tuning of a quantized model ({model.quant_config.describe()}): its int8/int4 weights cannot "
+            "be trained; use mode='lora' (QLoRA: adapters on the frozen quantized weights) or "
+            "llama32_jax.models.quantize.dequantize_model(model) first"
+        )
     model.remat = cfg.remat
     return nnx.split(model, trainable_filter(cfg), ...)
 
