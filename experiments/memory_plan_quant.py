@@ -46,11 +46,12 @@ from llama32_jax import sharding
 from llama32_jax.quant.config import QuantConfig
 
 GPU_GRID = [("Llama-3.2-90B-Vision", p, 131072) for p in ("h200x1", "h100x2", "h100x8")]
-TPU_GRID = [("Llama-3.2-11B-Vision", "tpu-v5e-1", n) for n in (131072, 32768)]
+TPU_GRID = [("Llama-3.2-11B-Vision", "tpu-v5e-1", n) for n in (131072, 32768, 16384)]
 MODES = ("none", "int8", "int4")
 JSON = os.path.join(RESULTS_DIR, "memory_plan_quant.json")
 
 _MODES = flags.DEFINE_list("modes", list(MODES), "weights: none (bf16), int8, int4")
+_CACHES = flags.DEFINE_list("cache_lens", [], "only these of the grid's cache lengths (empty: all)")
 
 
 def quant_row(
@@ -96,6 +97,29 @@ def _weights(r: dict) -> str:
     return " + ".join(f"{parts[k]:.2f} {names[k]}" for k in ("int4", "int8", "float32", "bfloat16") if k in parts)
 
 
+def _outside(r: dict) -> float | None:
+    """GB of weights that the compiled steps do not take: jit drops unused arguments, and decode and prefill take
+    the cross-attention K/V precomputed, so the vision tower is not in their arguments; it stays resident."""
+    step = r["decode"]
+    if "argument_gb" not in step:
+        return None
+    return max(0.0, r["weights_gb"] + r["kv_cache_gb"] + r["cross_kv_gb"] - step["argument_gb"])
+
+
+def _peak(r: dict | None, step: str) -> str:
+    """A step's peak plus the resident weights outside it, marked when over the budget."""
+    if r is None:
+        return "—"
+    if "peak_gb" not in r[step]:
+        return "refused"
+    total = r[step]["peak_gb"] + (_outside(r) or 0.0)
+    return f"{total:.1f}" + ("" if total <= r["budget_gb"] else " (over)")
+
+
+def _mode(r: dict) -> str:
+    return (r.get("quant") or {}).get("mode", "bf16") + (" (vision bf16)" if r.get("quant_note") else "")
+
+
 def table(record: dict) -> str:
     """``results/memory_plan_quant.md`` from the record (also redrawn from the JSON alone)."""
     cpu = [r for r in record["rows"] if r.get("target", "cpu") == "cpu"]
@@ -104,48 +128,57 @@ def table(record: dict) -> str:
         "# Memory plans of the quantized models (per device, batch 1, 1 image of 4 tiles)\n",
         "Weights: weight-only int8 (per output channel) or int4 (groups of 128 inputs) projections and untied "
         "head, f32 scales; embeddings, norms and gates bf16. `weights GB` is the sum of one device's shards with int4 "
-        "at 4 bits, which is what the compiled arguments hold (XLA counts `s4` packed). Budget: the device's memory "
-        "less 10%. Commands: " + ", ".join(f"`{c}`" for c in record["commands"]) + f"; {record['machine']}, jax "
-        f"{record['jax']}, libtpu {record.get('libtpu') or '—'}.\n",
+        "at 4 bits, which is what the compiled arguments hold (XLA counts `s4` packed). Peaks are arguments + outputs "
+        "- aliased (the donated cache) + temporaries, plus the weights the steps do not take (`outside GB`: the "
+        "vision tower, resident but not an argument of decode or prefill, which take the cross-attention K/V "
+        "precomputed). Budget: the device's memory less 10%; (over): above it. Commands: "
+        + ", ".join(f"`{c}`" for c in record["commands"])
+        + f"; {record['machine']}, jax {record['jax']}, libtpu {record.get('libtpu') or '—'}.\n",
     ]
     if cpu:
         out += [
-            "## GPU plans (XLA:CPU SPMD compile on simulated devices)\n",
-            "peak = arguments + outputs - aliased + temporaries, less XLA:CPU's f32 copies of bf16 weights and its "
-            "one-byte copies of int4 kernels (both made before the layer loop, shown apart; GPUs multiply bf16 and "
-            "store int4 packed). Prefill's temporaries hold XLA's materialized attention scores (2048 queries x "
-            "128K keys x the device's heads, f32), which a GPU flash kernel does not; decode has none. See "
-            "experiments/memory_plan_quant.py for the caveats.\n",
-            "| model | weights | plan | weights GB / device | of which | KV cache GB | decode peak GB | "
-            "prefill tokens / call | prefill peak GB | XLA:CPU raw peak GB | XLA:CPU int4 unpack GB | budget GB | "
-            "decode fits | fits (decode and prefill) |",
+            "## GPU plans: 90B-Vision, 128K cache (XLA:CPU SPMD compile on simulated devices)\n",
+            "Peaks leave out XLA:CPU's f32 copies of bf16 weights and its one-byte copies of the int4 kernels (both "
+            "made before the layer loop; GPUs multiply bf16 and hold int4 packed); the compiled XLA:CPU decode peak "
+            "is shown beside. Prefill's temporaries hold XLA's materialized attention scores (each prefill call's "
+            "queries x 131072 keys x the device's heads, f32), which a GPU flash kernel does not; decode (one "
+            "token) has none, so the verdict is decode's, and prefill is shown at 2048 and 256 tokens a call. "
+            "Caveats: experiments/memory_plan_quant.py.\n",
+            "| model | weights | plan | weights GB / device | of which | KV cache GB | outside GB | decode peak GB | "
+            "prefill peak GB, 2048 tokens | prefill peak GB, 256 tokens | XLA:CPU decode peak GB (raw) | "
+            "XLA:CPU int4 unpack GB | budget GB | decode fits |",
             "|---" * 14 + "|",
         ]
-        for r in cpu:
-            unpack = max(r[s].get("cpu_int4_unpack_gb", 0.0) for s in ("decode", "prefill"))
-            mode = (r.get("quant") or {}).get("mode", "bf16") + (" (vision bf16)" if r.get("quant_note") else "")
+        by = {_key(r): r for r in cpu}
+        for r in (r for r in cpu if r["prompt_len"] == 2048):
+            model, plan, mode, cache_len, target, _ = _key(r)
+            short = by.get((model, plan, mode, cache_len, target, 256))
+            unpack = r["decode"].get("cpu_int4_unpack_gb", 0.0)
+            fits = r["decode"]["peak_gb"] + _outside(r) <= r["budget_gb"]
             out.append(
-                f"| {r['model']} | {mode} | `{r['plan']}` | {r['weights_gb']:.2f} | {_weights(r)} | "
-                f"{r['kv_cache_gb']:.2f} | {_step(r, 'decode')} | {r['prompt_len']} | {_step(r, 'prefill')} | "
-                f"{r['xla_cpu_peak_gb']:.1f} | {unpack:.2f} | {r['budget_gb']:.0f} | "
-                f"{'yes' if r['decode']['peak_gb'] <= r['budget_gb'] else '**no**'} | {_fits(r)} |"
+                f"| {r['model']} | {_mode(r)} | `{r['plan']}` | {r['weights_gb']:.2f} | {_weights(r)} | "
+                f"{r['kv_cache_gb']:.2f} | {_outside(r):.2f} | {_peak(r, 'decode')} | {_peak(r, 'prefill')} | "
+                f"{_peak(short, 'prefill')} | {r['decode']['xla_cpu_peak_gb']:.1f} | {unpack:.2f} | "
+                f"{r['budget_gb']:.0f} | {'yes' if fits else '**no**'} |"
             )
         out.append("")
     if tpu:
         out += [
-            "## One TPU v5e chip (XLA:TPU, libtpu ahead of time, plan `tpu-v5e-1`)\n",
-            "XLA:TPU's buffer assignment for the chip: int4 packed by the compiler, Pallas attention. refused: "
-            "XLA:TPU would not compile the step (RESOURCE_EXHAUSTED).\n",
-            "| model | weights | cache slots | weights GB | of which | KV cache GB | decode peak GB | "
+            "## 11B-Vision on one TPU v5e chip (XLA:TPU, libtpu ahead of time, plan `tpu-v5e-1`)\n",
+            "XLA:TPU's buffer assignment for the chip: int4 packed by the compiler, Pallas attention kernels. "
+            "refused: XLA:TPU would not compile the step (RESOURCE_EXHAUSTED, its message in the JSON).\n",
+            "| model | weights | cache slots | weights GB | of which | KV cache GB | outside GB | decode peak GB | "
             "prefill tokens / call | prefill peak GB | budget GB | fits |",
-            "|---" * 11 + "|",
+            "|---" * 12 + "|",
         ]
         for r in tpu:
-            mode = (r.get("quant") or {}).get("mode", "bf16")
+            outside = _outside(r)
+            fits = r["fits"] and all(r[s]["peak_gb"] + outside <= r["budget_gb"] for s in ("decode", "prefill"))
             out.append(
-                f"| {r['model']} | {mode} | {r['cache_len']} | {r['weights_gb']:.2f} | {_weights(r)} | "
-                f"{r['kv_cache_gb']:.2f} | {_step(r, 'decode')} | {r['prompt_len']} | {_step(r, 'prefill')} | "
-                f"{r['budget_gb']:.1f} | {_fits(r)} |"
+                f"| {r['model']} | {_mode(r)} | {r['cache_len']} | {r['weights_gb']:.2f} | {_weights(r)} | "
+                f"{r['kv_cache_gb']:.2f} | {'—' if outside is None else f'{outside:.2f}'} | {_peak(r, 'decode')} | "
+                f"{r['prompt_len']} | {_peak(r, 'prefill')} | {r['budget_gb']:.1f} | "
+                f"{'yes' if fits else '**no**' + (' (refused)' if not r['fits'] and outside is None else '')} |"
             )
         out.append("")
     return "\n".join(out)
@@ -163,6 +196,8 @@ def main(argv):
             record = json.load(f)
     rows = {_key(r): r for r in record["rows"]}
     for model, plan, cache_len in TPU_GRID if target == "tpu" else GPU_GRID:
+        if _CACHES.value and str(cache_len) not in _CACHES.value:
+            continue
         for mode in _MODES.value:
             r = quant_row(model, plan, cache_len, mode, target, memory_plan._GROUP.value, memory_plan._PROMPT.value)
             r.setdefault("target", target)
