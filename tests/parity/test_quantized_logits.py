@@ -288,7 +288,7 @@ def test_vision_logits_equal_the_dequantized_reference(vision_params, images, mo
     assert_rounding_close(got, want)
 
 
-def test_vision_skip_keeps_the_tower_float_and_exact(vision_params, images):
+def test_vision_skip_keeps_the_tower_float_and_exact(vision_params):
     qc = QuantConfig("int8", skip=("vision",))
     qmodel = load_params(VISION, vision_params, param_dtype=jnp.float32, quant=qc)
     got, given = flatten_tree(params_of(qmodel)), flatten_tree(vision_params)
@@ -305,7 +305,3 @@ def test_vision_skip_keeps_the_tower_float_and_exact(vision_params, images):
     assert any(str(p[0]) == "cross_layers" for p in quantized) and ("lm_head",) in [
         tuple(map(str, p)) for p in quantized
     ]
-    prompts = _vision_prompts(VISION)
-    assert_rounding_close(
-        _vision_logits(qmodel, prompts, images), _vision_logits(reference_model(VISION, qmodel), prompts, images)
-    )
