@@ -145,6 +145,12 @@ def restore_shardings(config, plan: Plan, mesh: Mesh, quant: QuantConfig | None 
     specs = flat_param_specs(config.replace(scan_layers=False), plan, quant)
 
     def fn(path: tuple, shape: tuple) -> NamedSharding:
+        if path not in specs:
+            what = f"its {quant.describe()} model" if quant is not None else "its float model (quant=None)"
+            raise PlanError(
+                f"parameter {'.'.join(map(str, path))} is not a parameter of {config.name} as {what}: restore a "
+                "quantized checkpoint with quant= its manifest's setting (orbax_ckpt.manifest_quant)"
+            )
         return NamedSharding(mesh, specs[path])
 
     return fn

@@ -20,18 +20,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import save_file
 
 import llama32_jax as lj
+from llama32_jax.checkpoint.convert_vision import vision_state_dict_from_params
 from llama32_jax.checkpoint.orbax_ckpt import MANIFEST, read_manifest, restore_params
-from llama32_jax.configs import TINY_TEXT
+from llama32_jax.configs import TINY_TEXT, TINY_VISION
 from llama32_jax.convert import main as convert_main
 from llama32_jax.errors import QuantizationError
+from llama32_jax.models.build import abstract_model
 from llama32_jax.models.quantize import quant_targets
 from llama32_jax.nn.layers import flatten_tree
 from llama32_jax.quant import QuantConfig
 from llama32_jax.quant.arrays import dequantize, scale_shape
 from tests.checkpoint.convert_paths import convert_cli, nothing_left
 from tests.refs import hf_llama
+from tests.refs_vision import hf_mllama_config
 
 # Input dimensions 64 (dim, 4 heads x 16) and 192 (ffn): int4 groups of 32 divide both, the default 128 does not.
 TEXT = dataclasses.replace(TINY_TEXT.text, tie_embeddings=False)
@@ -178,3 +182,30 @@ def test_hf_export_of_a_quantized_model_is_its_dequantization(tmp_path, quantize
         np.testing.assert_array_equal(got[kpath], want)
     # The float model computes what the quantized one does (the int8 path applies the scale after the product).
     np.testing.assert_allclose(back.logits(TOKENS), model.logits(TOKENS), atol=1e-5, rtol=0)
+
+
+def test_vision_checkpoint_equals_quantizing_the_source(tmp_path):
+    """Llama 3.2 Vision: the vision tower's projections, the cross-attention blocks and the head are quantized as
+    they stream (random fp32 weights of TINY_VISION's shapes, written with HF's names)."""
+    vision = TINY_VISION.replace(scan_layers=False)
+    rng = np.random.default_rng(6)
+    abstract = flatten_tree(nnx.to_pure_dict(nnx.state(abstract_model(vision, param_dtype=np.float32))))
+    params: dict = {}
+    for path, leaf in abstract.items():
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = rng.normal(0, 0.05, leaf.shape).astype(np.float32)
+    hf = tmp_path / "hf"
+    hf_mllama_config(vision).save_pretrained(hf)
+    state = vision_state_dict_from_params(vision, params, "hf")
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(hf / "model.safetensors"))
+    qc = QuantConfig("int4", 32)
+    out = lj.convert(hf, tmp_path / "int4", dtype="float32", progress=False, quantize=qc)
+    params = _params(lj.load(out, dtype="float32"))
+    _assert_identical(params, _params(lj.load(hf, dtype="float32", quantize=qc)))
+    targets = quant_targets(vision, qc)
+    assert {k for k, v in params.items() if v.dtype == np.dtype("int4")} == set(targets)
+    # The vision tower's 4 + 2 encoder layers x (wq, wk, wv, wo, fc1, fc2), its projector, the cross-attention blocks.
+    assert len([k for k in targets if k[0] == "vision"]) == 6 * 6 and ("projector", "kernel") in targets
+    assert ("cross_layers", 0, "attention", "wq", "kernel") in targets

@@ -3,10 +3,10 @@
 The tiny shardable text and vision models of ``test_sharding.py``, quantized (int8 per channel; int4 with groups
 that fit the plan's shards), under tensor parallelism and FSDP x TP: every parameter, int values and fp32 scales
 included, lives where the plan says (a scale on the devices of its kernel's output channels), and the logits (with
-a cache; with images for the vision model) equal the unsharded quantized model's to the same 1e-5, and greedy
-tokens are the same. A quantized Orbax checkpoint restores straight into the plan's shardings. An int4 plan that
-would split a group across devices is a :class:`PlanError` naming the parameter, the plan and the group size,
-raised before any memory is used.
+a cache; with images for the vision model) equal the unsharded quantized model's to the same 1e-5; the text
+model's greedy tokens are the same. A quantized Orbax checkpoint restores straight into the plan's shardings.
+An int4 plan that would split a group across devices is a :class:`PlanError` naming the parameter, the plan and
+the group size, raised before any memory is used.
 """
 
 from __future__ import annotations
@@ -21,8 +21,7 @@ import llama32_jax as lj
 from llama32_jax import sharding
 from llama32_jax.checkpoint.orbax_ckpt import read_manifest, restore_params
 from llama32_jax.inference.generate import generate_tokens
-from llama32_jax.inputs.image import preprocess
-from llama32_jax.models.build import forward, load_params
+from llama32_jax.models.build import abstract_model, forward, load_params
 from llama32_jax.models.quantize import quant_targets
 from llama32_jax.nn.cache import KVCache
 from llama32_jax.nn.layers import flatten_tree
@@ -32,9 +31,7 @@ from tests.sharding.test_sharding import (
     TEXT_PROMPTS,
     TOKENS,
     VISION,
-    VISION_PROMPTS,
     _assert_param_specs,
-    _params,
     _vision_inputs,
 )
 
@@ -67,14 +64,33 @@ def _assert_scales_follow_kernels(model, quant):
         assert scale.dtype == jnp.float32 and kernel.dtype == jnp.dtype(t.mode), kpath
 
 
+def _random_params(config, seed: int) -> dict:
+    """Random fp32 parameters of ``config``'s shapes, drawn with numpy (faster than initialising the model on 8
+    devices): weights ~ N(0, 0.05), norm scales ~ 1 + N(0, 0.05), every tanh gate 0.6 so images matter."""
+    rng = np.random.default_rng(seed)
+    flat = flatten_tree(nnx.to_pure_dict(nnx.state(abstract_model(config, param_dtype=jnp.float32), nnx.Param)))
+    tree: dict = {}
+    for path, leaf in flat.items():
+        value = rng.normal(0.0, 0.05, leaf.shape).astype(np.float32)
+        if "gate" in str(path[-1]):
+            value = np.full(leaf.shape, 0.6, np.float32)
+        elif any("norm" in str(p) or str(p).startswith("ln_") for p in path) and path[-1] in ("weight", "scale"):
+            value += 1.0
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
 @pytest.fixture(scope="module")
 def text_params():
-    return _params(TEXT)
+    return _random_params(TEXT, seed=0)
 
 
 @pytest.fixture(scope="module")
 def vision_params():
-    return _params(VISION, seed=2)
+    return _random_params(VISION, seed=2)
 
 
 @pytest.mark.parametrize(
@@ -108,19 +124,15 @@ def _vision_logits(model, images):
 
 
 def test_quantized_vision_model_under_a_plan(vision_params, images):
-    """int4 under tensor parallelism (one group per device in the vision output projections); int8 and FSDP x TP
-    are the text tests' (one case here: the vision model compiles slowly on CPU)."""
-    quant, plan_name = VISION_INT4, "tp"
-    ref = _quantized(VISION, vision_params, quant)
-    batch = preprocess(images, VISION.vision)
-    want_tokens = [o.tokens for o in generate_tokens(ref, VISION_PROMPTS, max_new_tokens=5, images=batch)]
-
-    plan = sharding.load_plan(plan_name)
+    """int4 under tensor parallelism (one group per device in the vision output projections): logits with images
+    (vision tower, projector, cross-attention). Greedy decoding and int8 / FSDP x TP are the text tests' (the
+    vision model compiles slowly on CPU)."""
+    quant, plan = VISION_INT4, sharding.load_plan("tp")
+    want = _vision_logits(_quantized(VISION, vision_params, quant), images)
     sharded = _quantized(VISION, vision_params, quant, plan)
     _assert_param_specs(sharded, plan)
     _assert_scales_follow_kernels(sharded, quant)
-    assert [o.tokens for o in generate_tokens(sharded, VISION_PROMPTS, max_new_tokens=5, images=batch)] == want_tokens
-    np.testing.assert_allclose(_vision_logits(sharded, images), _vision_logits(ref, images), atol=TOL, rtol=0)
+    np.testing.assert_allclose(_vision_logits(sharded, images), want, atol=TOL, rtol=0)
 
 
 @pytest.fixture(scope="module")
