@@ -103,8 +103,9 @@ def load_params(
             raise CheckpointError(
                 f"parameter {_path_str(path)}: shape {tuple(np.shape(value))} does not match the model's {spec.shape}"
             )
-        if np.issubdtype(np.dtype(value.dtype), np.integer) != np.issubdtype(np.dtype(spec.dtype), np.integer):
-            what = "quantized" if np.issubdtype(np.dtype(value.dtype), np.integer) else "float"
+        is_int = jnp.issubdtype(value.dtype, jnp.integer)  # int4 too (numpy's issubdtype says no)
+        if is_int != jnp.issubdtype(spec.dtype, jnp.integer):
+            what = "quantized" if is_int else "float"
             raise CheckpointError(
                 f"parameter {_path_str(path)} holds {what} values ({np.dtype(value.dtype).name}) where the model "
                 f"expects {np.dtype(spec.dtype).name}: load a quantized checkpoint with its own quantize setting"

@@ -7,7 +7,7 @@ A projection kernel has shape ``[*out, *in]``: its trailing ``n_in`` axes are th
 - int8: ``[*out]`` fp32, one per output channel (logical axes: the kernel's output axes);
 - int4: ``[*out, I // group]`` fp32 (axes: the output axes and the first input axis, so a sharding plan that splits
   the input axis splits the groups with it; groups never straddle shards when ``I / shards`` is a multiple of the
-  group size, which :func:`llama32_jax.models.quantize.check_plan` verifies).
+  group size, which :func:`llama32_jax.sharding.apply.check_quant_plan` verifies).
 
 The values are stored as ``int8`` / ``int4`` arrays of the kernel's own shape and logical axes, so sharding plans
 place them exactly as they place the float kernel.
