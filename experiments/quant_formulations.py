@@ -10,7 +10,8 @@ int -> float convert: fused into the dot's own loop (a ``kLoop`` fusion holding 
 materialized as a full-size float temporary first (a ``wrapped_convert`` / convert fusion whose output has the
 weight's shape, then the library dot, ``__ynn_fusion`` / ``__onednn``), plus the compiled temp bytes. With
 ``--step`` it also compiles one full decode step of the model at ``--model`` under fp32 / int8 / int4 and reports
-its temporaries against the fp32 weight size: a full-size fp32 copy of a weight would show there.
+its temporaries against the fp32 weight size: a full-size fp32 copy of a weight would show there; with
+``--step_timing`` it times an int8 decode step with qlinear's CPU chunking on and off.
 
 Results: ``experiments/results/quant/formulations.{json,md}`` (the md is written by hand from the JSON).
 """
@@ -30,6 +31,7 @@ import llama32_jax as lj
 from experiments import cli
 from experiments.results_io import machine, write_result
 from llama32_jax.inference.generate import bucket
+from llama32_jax.models.quantize import quantize_model
 from llama32_jax.nn.cache import KVCache
 from llama32_jax.quant import arrays
 from llama32_jax.quant.config import QuantConfig
@@ -42,6 +44,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 7, "timed calls per formulation and R
 _CHUNK = flags.DEFINE_integer("chunk", 512, "output rows per chunk in the chunked formulations")
 _HLO = flags.DEFINE_bool("hlo", True, "analyse the optimized HLO of each formulation")
 _STEP = flags.DEFINE_bool("step", True, "also compile one full decode step of --model and report its temporaries")
+_STEP_TIMING = flags.DEFINE_bool(
+    "step_timing", True, "also time one int8 decode step of --model (batch 1) with qlinear's CPU chunking on and off"
+)
 _MODEL = flags.DEFINE_string("model", "Llama-3.2-1B", "named config for --step")
 _OUT = flags.DEFINE_string("out", "", "JSON path (default experiments/results/quant/formulations.json)")
 
@@ -160,7 +165,7 @@ FORMS = {
     "int8_dot_general": (int8_dot_general, "int8"),
     "int8_chunked_scan": (int8_chunked_scan, "int8"),
     "int8_chunked_unrolled": (int8_chunked_unrolled, "int8"),
-    "qlinear_int8": (lambda x, q, s: arrays.qlinear(x, q, s, "int8", 0), "int8"),
+    "qlinear_int8": (lambda x, q, s: arrays.qlinear(x, q, s, "int8", 0), "int8"),  # as the models run it
     "int4_native": (int4_native, "int4"),
     "int4_in_int8": (int4_in_int8, "int4_in_int8"),
     "int4_in_int8_chunked": (int4_in_int8_chunked, "int4_in_int8"),
@@ -303,6 +308,52 @@ def _int4_analysis_bytes() -> float:
     return jax.jit(lambda v: v).lower(a).compile().memory_analysis().argument_size_in_bytes / (1 << 20)
 
 
+def _step_timing(name: str, repeats: int) -> dict:
+    """One batch-1 decode step of ``name`` quantized int8 (random weights), jitted with qlinear's CPU chunking on
+    (:func:`llama32_jax.quant.arrays.cpu_chunking`) and off (each product then one ``x @ convert(q).T``, which
+    XLA:CPU fuses into a loop together with the activation's producers); interleaved timing, best of ``repeats``.
+    Also returns the first fused computation of the unchunked step that holds a convert, a dot and an exponential
+    (a SiLU recomputed inside the dot's loop)."""
+    cfg = lj.configs.get_config(name)
+    model = quantize_model(lj.init_model(cfg, param_dtype=jnp.float32), QuantConfig("int8"))
+    graphdef, state = nnx.split(model)
+    cache = KVCache.init(cfg, 1, bucket(128), dtype=jnp.float32)
+    tok = jnp.zeros((1, 1), jnp.int32)
+    original = arrays.cpu_chunking
+    fns, texts = {}, {}
+    try:
+        for chunking in (True, False):
+            arrays.cpu_chunking = lambda chunking=chunking: chunking
+
+            def step(state, tok, cache):
+                return nnx.merge(graphdef, state)(tok, cache, last_only=True)[0]
+
+            fn = jax.jit(step).lower(state, tok, cache).compile()
+            texts[chunking] = fn.as_text()
+            fns[chunking] = fn
+    finally:
+        arrays.cpu_chunking = original
+    best = {k: float("inf") for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(state, tok, cache))
+            best[k] = min(best[k], time.perf_counter() - t0)
+    silu_dot = ""
+    for block in texts[False].split("\n\n"):
+        if " convert(" in block and " dot(" in block and (" exponential(" in block or " logistic(" in block):
+            silu_dot = re.sub(r", metadata=\{[^}]*\}", "", block.strip())[:2500]
+            break
+    row = {
+        "model": name,
+        "chunked_ms": round(best[True] * 1e3, 1),
+        "unchunked_ms": round(best[False] * 1e3, 1),
+        "fused_computation_with_convert_dot_and_exp_unchunked": silu_dot,
+    }
+    print(f"{name} int8 decode step, batch 1: chunked {row['chunked_ms']} ms, unchunked {row['unchunked_ms']} ms")
+    return row
+
+
 def main(argv):
     del argv
     o, i = _OUT_DIM.value, _IN_DIM.value
@@ -353,7 +404,9 @@ def main(argv):
     record = {
         "benchmark": "quant_formulations",
         "command": "python -m experiments.quant_formulations "
-        + " ".join(f"--{f}={getattr(flags.FLAGS, f)}" for f in ("out_dim", "in_dim", "repeats", "chunk", "step"))
+        + " ".join(
+            f"--{f}={getattr(flags.FLAGS, f)}" for f in ("out_dim", "in_dim", "repeats", "chunk", "step", "step_timing")
+        )
         + f" --rows={','.join(_ROWS.value)}",
         "machine": machine(),
         "versions": {"jax": jax.__version__},
@@ -365,6 +418,8 @@ def main(argv):
     }
     if _STEP.value:
         record["decode_step_memory"] = _step_memory(_MODEL.value)
+    if _STEP_TIMING.value:
+        record["decode_step_int8_timing"] = _step_timing(_MODEL.value, _REPEATS.value)
     write_result(record, "quant/formulations.json", _OUT.value)
 
 

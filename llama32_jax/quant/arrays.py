@@ -27,12 +27,13 @@ from llama32_jax.errors import QuantizationError
 
 INT8_MAX = 127
 INT4_MAX = 7
-# On XLA:CPU, ``x[1, I] @ convert(q[O, I]).T`` compiles to one loop that reads the int8 weight once (2.4x faster
-# than the fp32 product at the 1B MLP shape), while a product of more rows first converts the whole weight into a
-# fresh fp32 temporary and then calls the library dot (2-5x slower than fp32 at 2..64 rows). So on CPU a product of
-# more than one row (and every int4 product) runs over chunks of output channels: each chunk is converted into a
-# small fp32 temporary, reused from chunk to chunk, that stays in cache for its dot
-# (experiments/results/quant/formulations.md).
+# On XLA:CPU a product with an int8 / int4 weight either converts the whole weight into a fresh fp32 temporary and
+# then calls the library dot (several rows: 2-5x slower than the fp32 product at the 1B MLP shape), or, for one row,
+# becomes one loop fusion that computes the dot element by element: fast alone, but inside a model XLA also fuses
+# the activation's producers (RMSNorm, SiLU x up) into that loop and recomputes them for every output channel (a 1B
+# int8 decode step: 3.4x slower than chunked). So on a one-device CPU every quantized product runs over chunks of
+# output channels: each chunk is converted into a small fp32 temporary, reused from chunk to chunk, that stays in
+# cache for its dot (experiments/results/quant/formulations.md).
 CPU_CHUNK_BYTES = 1 << 20  # the fp32 temporary of one chunk: [chunk, I] x 4 bytes
 CPU_MIN_CHUNK = 8  # fewer output channels per chunk than this: no chunking (the loop would cost more than it saves)
 
@@ -158,14 +159,13 @@ def qlinear(x: jax.Array, q2: jax.Array, scale: jax.Array, mode: str, group: int
     ``x.dtype``; the products accumulate as the float path's do, the scales apply in fp32).
 
     ``q2`` is the kernel as ``[O, I]``; ``scale`` is ``[O]`` (int8) or ``[O, I // group]`` (int4). On GPU and TPU
-    the compiler fuses the conversion into the matmul; on a single-device CPU (:func:`cpu_chunking`), a single row
-    of an int8 product runs as the one product XLA:CPU fuses, and anything else runs chunk by chunk of output
-    channels (:func:`_chunked_product`)."""
+    the compiler fuses the conversion into the matmul; on a single-device CPU (:func:`cpu_chunking`) the product
+    runs chunk by chunk of output channels (:func:`_chunked_product`), unless the weight is small enough to be
+    one chunk."""
     _check_mode(mode, group)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    rows = x2.shape[0]
-    chunk = _cpu_chunk(*q2.shape) if (rows > 1 or mode == "int4") and cpu_chunking() else 0
+    chunk = _cpu_chunk(*q2.shape) if cpu_chunking() else 0
     if chunk:
         y = _chunked_product(x2, q2, scale, mode, group, chunk)
     else:

@@ -196,8 +196,8 @@ def test_qlinear_equals_the_product_with_the_dequantized_weight(rows, mode, grou
     """``qlinear(x, q, s) == x @ dequantize(q, s).T`` in fp32, up to the two products' summation rounding:
     the standard bound ``|fl(x.w) - x.w| <= n u sum|x_i w_i|`` for each, so ``2 n u (|x| @ |W|.T)`` (plus the
     scale's one multiplication). Where qlinear chunks (one-device CPU; forced on and off here) and chunks of 8
-    output channels are allowed, every int4 product and int8 products of more than one row take the chunked branch
-    (5 chunks of 8 channels), int8 single rows the plain one; without chunking, everything takes the plain one."""
+    output channels are allowed, every product takes the chunked branch (5 chunks of 8 channels); without
+    chunking, the plain one."""
     n_out, n_in = 40, 96
     w = _weights((n_out, n_in), seed=rows)
     q, s = quantize(jnp.asarray(w), 1, mode, group)
@@ -215,8 +215,7 @@ def test_qlinear_equals_the_product_with_the_dequantized_weight(rows, mode, grou
     monkeypatch.setattr(quant_arrays, "CPU_CHUNK_BYTES", 4 * n_in * 8)
     monkeypatch.setattr(quant_arrays, "cpu_chunking", lambda: chunking)
     got = np.asarray(qlinear(jnp.asarray(x), q, s, mode, group))
-    chunked = chunking and (rows > 1 or mode == "int4")
-    assert calls == [(rows, 8 if chunked else n_out)]
+    assert calls == [(rows, 8 if chunking else n_out)]
 
     want = x.astype(np.float64) @ deq.T.astype(np.float64)
     bound = (2 * n_in + 2) * U * (np.abs(x).astype(np.float64) @ np.abs(deq).T.astype(np.float64))
