@@ -205,6 +205,16 @@ def main(argv):
     del argv
     t_start = time.perf_counter()
     load_start = os.getloadavg()
+    commit = subprocess.run(  # at the start: the code this process imports
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "llama32_jax"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(__file__),
+    ).stdout.strip()
+    commit += " (llama32_jax/ with uncommitted changes)" if dirty else ""
     path = str(smollm2_gguf_path())
     with open(path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()
@@ -335,9 +345,7 @@ def main(argv):
         "variants": results,
         "wall_s": time.perf_counter() - t_start,
         "process_cpu_s": sum(os.times()[:2]),
-        "git_commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
-        ).stdout.strip(),
+        "git_commit": commit,
     }
     json_path = write_result(record, os.path.join("quant", "quality.json"), _OUT.value)
     md_path = os.path.splitext(json_path)[0] + ".md"
