@@ -24,6 +24,7 @@ plus the KV cache at the mean context of the timed steps.
 from __future__ import annotations
 
 import gc
+import os
 import time
 
 import jax
@@ -280,7 +281,7 @@ def main(argv):
     int4_bytes = int4_bytes_per_value()
     print(f"a jnp.int4 value occupies {int4_bytes:g} byte(s) on {jax.devices()[0].device_kind}", flush=True)
     rng = np.random.default_rng(0)
-    variants = [_variant(cfg, d, q, hf_device, rng) for d in _DTYPE.value for q in _QUANT.value]
+    variants = []
     record = {
         "benchmark": "bench_generate",
         "command": "python -m experiments.bench_generate "
@@ -297,13 +298,17 @@ def main(argv):
         "int4_bytes_per_value_on_device": int4_bytes,
         "floors": {"bandwidth_gbs": _BW.value, "peak_gflops": _PEAK.value},
     }
-    if len(variants) == 1 and variants[0]["quantize"] is None:  # the original single-variant record
-        record["dtype"] = variants[0]["dtype"]
-        record["results"] = variants[0]["results"]
-        write_result(record, f"bench_generate_{cfg.name}_{variants[0]['dtype']}.json", _OUT.value)
-    else:
-        record["variants"] = variants
-        write_result(record, f"quant/decode_{cfg.name}.json", _OUT.value)
+    pairs = [(d, q) for d in _DTYPE.value for q in _QUANT.value]
+    for d, q in pairs:  # the record is rewritten after each model, so a cut-short run keeps what it measured
+        variants.append(_variant(cfg, d, q, hf_device, rng))
+        record["load_average"] = os.getloadavg()
+        if len(pairs) == 1 and variants[0]["quantize"] is None:  # the original single-variant record
+            record["dtype"] = variants[0]["dtype"]
+            record["results"] = variants[0]["results"]
+            write_result(record, f"bench_generate_{cfg.name}_{variants[0]['dtype']}.json", _OUT.value)
+        else:
+            record["variants"] = variants
+            write_result(record, f"quant/decode_{cfg.name}.json", _OUT.value)
 
 
 if __name__ == "__main__":
