@@ -33,9 +33,11 @@ class TokenizerError(LlamaJaxError, ValueError):
 
 
 class QuantizedCheckpointError(UnsupportedConfigError):
-    """The checkpoint holds quantized weights (bitsandbytes, GPTQ, AWQ, compressed-tensors, integer tensors, ...).
+    """The checkpoint holds weights quantized by another tool (bitsandbytes, GPTQ, AWQ, compressed-tensors,
+    integer tensors, ...).
 
-    llama32_jax reads float checkpoints only; the message says how to obtain one.
+    llama32_jax reads float checkpoints and its own quantized conversions (``convert --quantize``); the message says
+    how to obtain a float checkpoint, which ``lj.load(..., quantize="int8")`` can then quantize.
     """
 
 
