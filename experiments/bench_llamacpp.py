@@ -80,7 +80,7 @@ def _per_prompt(run, prompts: list[list[int]]) -> dict:
 
 
 def _llamacpp(path: str, prompts: list[list[int]]) -> dict:
-    from llama_cpp import Llama, __version__
+    from llama_cpp import Llama, __version__, llama_get_logits_ith
 
     llm = Llama(
         model_path=path,
@@ -97,7 +97,9 @@ def _llamacpp(path: str, prompts: list[list[int]]) -> dict:
         llm.eval(ids)
         out = []
         for _ in range(n):
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1, :vocab]))  # greedy
+            # greedy on the last position's logits (the binding keeps no copy of them unless logits_all=True)
+            logits = np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(vocab,))
+            tok = int(np.argmax(logits))
             out.append(tok)
             llm.eval([tok])
         return out
