@@ -28,10 +28,10 @@ from llama32_jax.errors import QuantizationError
 INT8_MAX = 127
 INT4_MAX = 7
 # On XLA:CPU a product with an int8 / int4 weight either converts the whole weight into a fresh fp32 temporary and
-# then calls the library dot (several rows: 2-5x slower than the fp32 product at the 1B MLP shape), or, for one row,
+# then calls the library dot (several rows: 3-10x slower than the fp32 product at the 1B MLP shape), or, for one row,
 # becomes one loop fusion that computes the dot element by element: fast alone, but inside a model XLA also fuses
 # the activation's producers (RMSNorm, SiLU x up) into that loop and recomputes them for every output channel (a 1B
-# int8 decode step: 3.4x slower than chunked). So on a one-device CPU every quantized product runs over chunks of
+# int8 decode step: 1.8x slower than chunked). So on a one-device CPU every quantized product runs over chunks of
 # output channels: each chunk is converted into a small fp32 temporary, reused from chunk to chunk, that stays in
 # cache for its dot (experiments/results/quant/formulations.md).
 CPU_CHUNK_BYTES = 1 << 20  # the fp32 temporary of one chunk: [chunk, I] x 4 bytes
