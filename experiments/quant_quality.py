@@ -34,7 +34,6 @@ import hashlib
 import importlib.metadata
 import os
 import platform
-import pydoc_data.topics
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from scipy.special import log_softmax
 
 import llama32_jax as lj
 from experiments import cli
+from experiments.quant_metrics import corpus_text, free_running
 from experiments.results_io import machine, write_result
 from llama32_jax.checkpoint.gguf import read_gguf, smollm2_gguf_path
 from llama32_jax.inputs.chat_format import chat_format_for
@@ -97,30 +97,6 @@ PROMPTS = [
     "Translate 'Good morning, how are you?' into French and Spanish.",
     "What are black holes?",
 ]
-
-
-def corpus_text() -> str:
-    """English prose: the plain paragraphs of CPython's ``pydoc_data.topics`` (the Language Reference and library
-    topics ``help()`` shows), in sorted topic order, joined by blank lines.
-
-    Why this text: no package installed in the virtualenv ships an English prose corpus (site-packages holds license
-    notices, numeric test data, API listings and READMEs; no nltk / scikit-learn / datasets text), and the
-    fine-tuning script's built-in examples are 16 one-line chat answers, far short of the thousands of positions
-    needed. The Python reference is human-written expository English, fixed by the interpreter's version, and
-    always present. Paragraphs with an indented line (code, grammar, tables) are dropped, so what is scored is
-    prose, not code."""
-    paragraphs = []
-    for key in sorted(pydoc_data.topics.topics):
-        for para in pydoc_data.topics.topics[key].split("\n\n"):
-            lines = para.strip("\n").split("\n")
-            if not para.strip() or any(line.startswith((" ", "\t")) for line in lines) or "::=" in para:
-                continue
-            if set(lines[-1].strip()) <= set("*=-~^"):  # a heading underline
-                continue
-            text = " ".join(line.strip() for line in lines)
-            if len(text) >= 200:
-                paragraphs.append(text)
-    return "\n\n".join(paragraphs)
 
 
 def _load(path: str, quantize):
@@ -181,24 +157,6 @@ def _reply_argmax(model, rows: list[list[int]], starts: list[int], lengths: list
 def _replies(model, dialogs) -> list[list[int]]:
     outs = model.chat(dialogs, max_new_tokens=_NEW.value, temperature=0.0, return_details=True)
     return [list(o.tokens) for o in outs]
-
-
-def _free_running(ref: list[list[int]], got: list[list[int]]) -> dict:
-    prefix, same_pos, total, identical = [], 0, 0, 0
-    for r, g in zip(ref, got, strict=True):
-        k = 0
-        while k < min(len(r), len(g)) and r[k] == g[k]:
-            k += 1
-        prefix.append(k / len(r))
-        same_pos += sum(1 for i in range(min(len(r), len(g))) if r[i] == g[i])
-        total += len(r)
-        identical += r == g
-    return {
-        "prefix_agreement": float(np.mean(prefix)),
-        "positional_agreement": same_pos / total,
-        "identical_replies": identical / len(ref),
-        "first_divergence_fraction_per_prompt": [round(p, 4) for p in prefix],
-    }
 
 
 def main(argv):
@@ -306,7 +264,7 @@ def main(argv):
                 },
                 "fake_quant_check_window0": fake_check,
                 "relative_weight_error": weight_error,
-                "chat": {"teacher_forced_agreement": float(tf_agree), **_free_running(ref, got)},
+                "chat": {"teacher_forced_agreement": float(tf_agree), **free_running(ref, got)},
                 "seconds": {"load": load_s, "corpus_forward": fwd_s, "generate": gen_s},
             }
         )

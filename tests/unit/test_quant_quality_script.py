@@ -1,17 +1,18 @@
-"""experiments/quant_quality.py's definitions: the free-running agreement figures on replies written here, and the
-prose corpus (paragraphs of CPython's pydoc_data.topics, with code and grammar blocks left out)."""
+"""experiments/quant_quality.py's definitions (experiments/quant_metrics.py): the free-running agreement figures
+on replies written here, and the prose corpus (paragraphs of CPython's pydoc_data.topics, with code and grammar
+blocks left out)."""
 
 from __future__ import annotations
 
 import pytest
 
-from experiments.quant_quality import _free_running, corpus_text
+from experiments.quant_metrics import corpus_text, free_running
 
 
 def test_free_running_agreement_counts_to_the_first_difference_and_by_position():
     ref = [[1, 2, 3, 4], [5, 6], [7, 8, 9, 10]]
     got = [[1, 2, 9, 4], [5, 6], [0, 8, 9]]  # differs at index 2; identical; differs at 0 and stops early
-    r = _free_running(ref, got)
+    r = free_running(ref, got)
     assert r["first_divergence_fraction_per_prompt"] == [0.5, 1.0, 0.0]
     assert r["prefix_agreement"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
     # same token at the same index: 3 of 4, 2 of 2, 2 of 4 (the missing last token counts as different)
