@@ -35,7 +35,7 @@ from flax import nnx
 
 import llama32_jax as lj
 from experiments import cli
-from experiments.results_io import machine, write_result
+from experiments.results_io import best_time, machine, write_result
 from llama32_jax.checkpoint import params_from_state_dict
 from llama32_jax.inference import generate as gen
 from llama32_jax.inference.generate import bucket, generate_tokens
@@ -62,15 +62,6 @@ _OUT = flags.DEFINE_string(
 )
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def _ours(model, prompts: np.ndarray, dtype) -> dict:
     ids = prompts.tolist()
 
@@ -79,7 +70,7 @@ def _ours(model, prompts: np.ndarray, dtype) -> dict:
 
     for n in (_N1.value, _N2.value):
         run(n)()  # compile both decode-loop sizes and the prefill
-    t1, t2 = _best(run(_N1.value), _REPEATS.value), _best(run(_N2.value), _REPEATS.value)
+    t1, t2 = best_time(run(_N1.value), _REPEATS.value), best_time(run(_N2.value), _REPEATS.value)
     graphdef, state = nnx.split(model)
     width = bucket(prompts.shape[1])
     tokens = jnp.asarray(prompts)
@@ -90,7 +81,7 @@ def _ours(model, prompts: np.ndarray, dtype) -> dict:
         jax.block_until_ready(gen.prefill(graphdef, state, padded, start, cache_len=width + 8, cache_dtype=dtype))
 
     prefill()
-    return {"t_n1_s": t1, "t_n2_s": t2, "prefill_s": _best(prefill, _REPEATS.value)}
+    return {"t_n1_s": t1, "t_n2_s": t2, "prefill_s": best_time(prefill, _REPEATS.value)}
 
 
 def _sync(device) -> None:
@@ -125,9 +116,9 @@ def _hf(model, prompts: np.ndarray) -> dict:
 
     run(_N1.value)()  # warm-up
     return {
-        "t_n1_s": _best(run(_N1.value), _REPEATS.value),
-        "t_n2_s": _best(run(_N2.value), _REPEATS.value),
-        "prefill_s": _best(prefill, _REPEATS.value),
+        "t_n1_s": best_time(run(_N1.value), _REPEATS.value),
+        "t_n2_s": best_time(run(_N2.value), _REPEATS.value),
+        "prefill_s": best_time(prefill, _REPEATS.value),
     }
 
 

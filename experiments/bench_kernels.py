@@ -65,7 +65,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -82,7 +81,7 @@ from experiments.bench_kernels_ops import (  # noqa: F401  (cross_tile_mask: the
     cross_tile_mask,
     ours_detail,
 )
-from experiments.results_io import machine, table_peaks, write_result
+from experiments.results_io import git_commit, machine, table_peaks, write_result
 
 SECTIONS = ("flash", "flash_bwd", "decode", "cross")
 IMPLS = ("ours", "cudnn", "jax_xla", "xla_ref", "tokamax")
@@ -200,16 +199,6 @@ def device_peaks() -> tuple[float, float, str]:
 # ------------------------------------------------------------------------------------------------ main
 
 
-def _git() -> str:
-    run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, cwd=os.path.dirname(__file__))  # noqa: E731
-    try:
-        head = run("rev-parse", "--short", "HEAD").stdout.strip()
-        dirty = run("status", "--porcelain", "llama32_jax").stdout.strip()
-    except OSError:
-        return "unknown"
-    return head + (" (llama32_jax/ modified)" if dirty else "")
-
-
 def _versions() -> dict:
     versions = {"jax": jax.__version__}
     for name in ("jaxlib", "flax", "tokamax"):
@@ -242,7 +231,7 @@ def main(argv):
         "jax_device": kind,
         "platform": jax.default_backend(),
         "versions": _versions(),
-        "git": _git(),
+        "git": git_commit(),
         "config": dataclasses.asdict(cfg),
         "smoke": _SMOKE.value,
         "max_seconds": _MAX_SECONDS.value,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import gc
 import os
 import statistics
-import time
 
 import jax
 import numpy as np
@@ -31,7 +30,7 @@ from absl import flags
 
 import llama32_jax as lj
 from experiments import cli
-from experiments.results_io import machine, write_result
+from experiments.results_io import best_time, machine, write_result
 from llama32_jax.checkpoint.gguf import smollm2_gguf_path
 from llama32_jax.inference.generate import generate_tokens
 from llama32_jax.inputs.chat_format import chat_format_for
@@ -53,23 +52,14 @@ PROMPTS = (
 )
 
 
-def _best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def _per_prompt(run, prompts: list[list[int]]) -> dict:
     """``run(ids, n)`` generates ``n`` tokens after ``ids``; decode ms/token per prompt by difference."""
     steps = []
     for ids in prompts:
         for n in (_N1.value, _N2.value):
             run(ids, n)  # warm-up (and compilation for ours)
-        t1 = _best(lambda ids=ids: run(ids, _N1.value), _REPEATS.value)
-        t2 = _best(lambda ids=ids: run(ids, _N2.value), _REPEATS.value)
+        t1 = best_time(lambda ids=ids: run(ids, _N1.value), _REPEATS.value)
+        t2 = best_time(lambda ids=ids: run(ids, _N2.value), _REPEATS.value)
         steps.append((t2 - t1) / (_N2.value - _N1.value))
     med = statistics.median(steps)
     return {

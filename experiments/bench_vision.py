@@ -33,7 +33,6 @@ import dataclasses
 import gc
 import os
 import statistics
-import subprocess
 import sys
 import time
 import types
@@ -46,7 +45,7 @@ from flax import nnx
 
 import llama32_jax as lj
 from experiments import cli
-from experiments.results_io import machine, write_result
+from experiments.results_io import git_commit, machine, write_result
 from llama32_jax.models.mllama import CrossInputs, MllamaText
 from llama32_jax.nn.cache import KVCache
 
@@ -335,14 +334,6 @@ def bench_cross() -> dict:
     return out
 
 
-def _git() -> str:
-    """HEAD, and whether the library's sources differ from it (the measured code)."""
-    run = lambda *args: subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return run("rev-parse", "--short", "HEAD") + (
-        " (llama32_jax/ modified)" if run("status", "--porcelain", "llama32_jax") else ""
-    )
-
-
 def main(argv):
     del argv
     import flax
@@ -361,7 +352,7 @@ def main(argv):
         "machine": machine(),
         "versions": {m.__name__: m.__version__ for m in (jax, flax, torch, transformers, PIL)},
         "jax_device": jax.devices()[0].device_kind,
-        "git": _git(),
+        "git": git_commit(),
         "loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()],  # other work on the cores skews times
     }
     t_all = time.perf_counter()

@@ -34,7 +34,6 @@ import hashlib
 import importlib.metadata
 import os
 import platform
-import subprocess
 import sys
 import time
 
@@ -47,7 +46,7 @@ from scipy.special import log_softmax
 import llama32_jax as lj
 from experiments import cli
 from experiments.quant_metrics import corpus_text, free_running
-from experiments.results_io import machine, write_result
+from experiments.results_io import git_commit, machine, write_result
 from llama32_jax.checkpoint.gguf import read_gguf, smollm2_gguf_path
 from llama32_jax.inputs.chat_format import chat_format_for
 from llama32_jax.models.build import load_params
@@ -163,16 +162,7 @@ def main(argv):
     del argv
     t_start = time.perf_counter()
     load_start = os.getloadavg()
-    commit = subprocess.run(  # at the start: the code this process imports
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "llama32_jax"],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(__file__),
-    ).stdout.strip()
-    commit += " (llama32_jax/ with uncommitted changes)" if dirty else ""
+    commit = git_commit()  # at the start: the code this process imports
     path = str(smollm2_gguf_path())
     with open(path, "rb") as f:
         sha = hashlib.sha256(f.read()).hexdigest()

@@ -30,7 +30,6 @@ import functools
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 import time
 import traceback
@@ -43,7 +42,7 @@ from flax import nnx
 
 import llama32_jax as lj
 from experiments import cli
-from experiments.results_io import machine, write_result
+from experiments.results_io import git_commit, machine, write_result
 from llama32_jax import sharding
 from llama32_jax.inference.generate import image_tile_mask
 from llama32_jax.inputs.image import preprocess
@@ -382,17 +381,8 @@ def main(argv):
 
     qwix = qwix_module
     load_start = os.getloadavg()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
-    ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "llama32_jax"],
-        capture_output=True,
-        text=True,
-        cwd=os.path.dirname(__file__),
-    ).stdout.strip()
     record = {
-        "git_commit": commit + (" (llama32_jax/ with uncommitted changes)" if dirty else ""),
+        "git_commit": git_commit(),
         "what": "qwix PTQ weight-only int8 on llama32_jax models vs our quantization",
         "command": "python -m experiments.quant_qwix_eval " + " ".join(sys.argv[1:]),
         "machine": machine(),

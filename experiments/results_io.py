@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
+import time
+from collections.abc import Callable
 
 import jax
 
@@ -34,6 +37,30 @@ def table_peaks(device_kind: str) -> tuple[str, float, float] | None:
 def machine() -> str:
     """e.g. ``"x86_64, 2 cores, cpu"`` (the JAX device kind names the accelerator when there is one)."""
     return f"{platform.machine()}, {os.cpu_count()} cores, {jax.devices()[0].device_kind}"
+
+
+def git_commit() -> str:
+    """HEAD's short hash, marked when the library's sources (``llama32_jax/``) differ from it: the measured code."""
+
+    def run(*args: str) -> str:
+        cwd = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd).stdout.strip()
+
+    try:
+        head, dirty = run("rev-parse", "--short", "HEAD"), run("status", "--porcelain", "--", "llama32_jax")
+    except OSError:
+        return "unknown"
+    return head + (" (llama32_jax/ modified)" if dirty else "")
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    """The shortest of ``repeats`` wall-clock timings of ``fn()``, in seconds."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def write_result(record: dict, default_name: str, out: str = "") -> str:
