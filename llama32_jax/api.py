@@ -459,8 +459,7 @@ def load(
     if os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json")):
         config, params = read_hf_params(path)
         config = config.replace(scan_layers=scan_layers)
-        has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
-        tokenizer = load_tokenizer(path) if has_tok else None
+        tokenizer = _dir_tokenizer(path)
         return _placed(
             Model(load_params(config, params, param_dtype=param_dtype, quant=quant), tokenizer, source=path),
             placement,
@@ -512,13 +511,18 @@ def _load_converted(path: str, placement, param_dtype, quantize, scan_layers: bo
     if on_host:
         params = jax.tree.map(np.asarray, params)
     config = config.replace(scan_layers=scan_layers)
-    has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
-    tokenizer = load_tokenizer(path) if has_tok else None
+    tokenizer = _dir_tokenizer(path)
     return _placed(
         Model(load_params(config, params, param_dtype=param_dtype, quant=quant), tokenizer, source=path),
         placement,
         attention_impl,
     )
+
+
+def _dir_tokenizer(path: str):
+    """The tokenizer saved in checkpoint directory ``path`` (``tokenizer.json`` or ``tokenizer.model``), or None."""
+    has_tok = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
+    return load_tokenizer(path) if has_tok else None
 
 
 def _host_sharding() -> Callable[[tuple, tuple], Any]:
