@@ -78,13 +78,17 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 
 
 def sample(logits: jax.Array, s: SamplingState, step: jax.Array, *, stochastic: bool, filtered: bool) -> jax.Array:
-    """Pick one token per row of ``logits [B, V]`` (fp32). ``stochastic``/``filtered`` are static fast paths."""
+    """Pick one token per row of ``logits [B, V]`` (fp32). ``stochastic``/``filtered`` are static fast paths.
+
+    ``step`` (``[]``, or ``[B]``: one per row) numbers the token within its own request: row ``b`` draws with
+    ``fold_in(keys[b], step)``, so where and with whom a request runs never changes its samples."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if not stochastic:
         return greedy
     temperature = jnp.where(s.temperature > 0, s.temperature, 1.0)
     scaled = logits / temperature[:, None]
-    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(s.keys, step)
+    step = jnp.asarray(step)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, 0 if step.ndim else None))(s.keys, step)
     if filtered:
         vocab = logits.shape[-1]
         order = jnp.argsort(-scaled, axis=-1, stable=True)  # [B, V] descending
@@ -98,12 +102,16 @@ def sample(logits: jax.Array, s: SamplingState, step: jax.Array, *, stochastic: 
         sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
         picked = jax.vmap(jax.random.categorical)(step_keys, sorted_logits)
         sampled = jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
+        # A row without top-k / top-p draws from the unsorted logits, as it does in a batch with none: the same
+        # key over the sorted order would pick another token, and a request's samples must not depend on its batch.
+        plain = jax.vmap(jax.random.categorical)(step_keys, scaled)
+        sampled = jnp.where((s.top_k > 0) | (s.top_p < 1.0), sampled, plain)
     else:
         sampled = jax.vmap(jax.random.categorical)(step_keys, scaled)
     return jnp.where(s.temperature > 0, sampled.astype(jnp.int32), greedy)
 
 
-def _token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+def token_logprob(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
@@ -154,7 +162,7 @@ def _decode(
 
     tok = sample(logits, s, jnp.int32(0), stochastic=stochastic, filtered=filtered)
     out = jnp.zeros((b, max_steps), jnp.int32).at[:, 0].set(tok)
-    lps = jnp.zeros((b, max_steps), jnp.float32).at[:, 0].set(_token_logprob(logits, tok))
+    lps = jnp.zeros((b, max_steps), jnp.float32).at[:, 0].set(token_logprob(logits, tok))
     lengths = jnp.ones((b,), jnp.int32)
     done = is_stop(tok) | (lengths >= s.max_new)
     emit(jnp.int32(0), tok, jnp.zeros((b,), bool))
@@ -171,7 +179,7 @@ def _decode(
         new = jnp.where(done, 0, new)
         emit(step, new, done)
         out = out.at[:, step].set(new)
-        lps = lps.at[:, step].set(jnp.where(done, 0.0, _token_logprob(logits, new)))
+        lps = lps.at[:, step].set(jnp.where(done, 0.0, token_logprob(logits, new)))
         lengths = lengths + (~done).astype(jnp.int32)
         done = done | is_stop(new) | (lengths >= s.max_new)
         return step + 1, new, cache, done, out, lps, lengths

@@ -43,7 +43,7 @@ class StepInputs(NamedTuple):
     cos: jax.Array  # [B, T, H/2] fp32: RoPE tables at those positions
     sin: jax.Array  # [B, T, H/2] fp32
     span: SlotSpan  # the key slots each query sees
-    index: jax.Array  # [] int32: the cache slot the first token is written to (0 without a cache)
+    index: jax.Array  # [] int32: the cache slot the first token is written to (0 without a cache); [B] per-slot cache
 
 
 # Activation checkpointing of each decoder / cross-attention block in training (``model.remat``).
@@ -296,14 +296,19 @@ def token_positions(
             raise InvalidInputError(
                 f"{name} must be an integer array of the tokens' shape {(b, length)}, got {x.shape}"
             )
-    q_slots = index + jnp.arange(length, dtype=jnp.int32)  # [T]
+    if index.ndim == 1:  # a slot cache: every row at its own slot, one token per call (check_cache)
+        q_offset = jnp.max(index)  # the kv_end bound below is each row's causal limit; this one hides nothing more
+        q_slots = index[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]  # [B, T]
+    else:
+        q_offset = index
+        q_slots = jnp.broadcast_to(index + jnp.arange(length, dtype=jnp.int32), (b, length))
     if positions is None:
-        positions = q_slots[None, :] - start[:, None]  # [B, T]
+        positions = q_slots - start[:, None]  # [B, T]
     cos, sin = rope_angles(positions, inv_frequencies(t.head_dim, t.rope_theta, t.rope_scaling))
     # Keys past this call's last token are not written yet (causality hides them too; the bound lets kernels stop).
     end = jnp.broadcast_to(index + length, (b,)).astype(jnp.int32)
     segments = None if segment_ids is None else jnp.asarray(segment_ids, jnp.int32)
-    return StepInputs(positions, cos, sin, SlotSpan(index, start, end, segments), index)
+    return StepInputs(positions, cos, sin, SlotSpan(q_offset, start, end, segments), index)
 
 
 def check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int) -> None:
@@ -316,8 +321,13 @@ def check_cache(cache: KVCache, config: ModelConfig, batch: int, length: int) ->
         )
     if cache.batch_size != batch:
         raise InvalidInputError(f"tokens have batch {batch} but the cache was built for batch {cache.batch_size}")
+    if cache.per_slot and length != 1:
+        raise InvalidInputError(
+            f"a cache with one write index per sequence takes one token per call, got {length}; prefill into a "
+            "cache with a shared index and insert it (llama32_jax.inference.engine)"
+        )
     try:
-        used = int(cache.index)
+        used = int(jnp.max(cache.index))
     except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
         used = None  # traced (inside jit): the caller validated it before tracing
     if used is not None:

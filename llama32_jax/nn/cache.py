@@ -34,7 +34,10 @@ class KVCache:
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
     start: jax.Array  # [B] int32: first valid slot per sequence
-    index: jax.Array  # [] int32: next slot to write (tokens already in the cache, padding included)
+    # [] int32: next slot to write (tokens already in the cache, padding included), shared by the batch; or [B]
+    # int32: one per sequence (a slot cache, llama32_jax.inference.engine: each row decodes on its own, one token a
+    # call).
+    index: jax.Array
 
     @property
     def stacked(self) -> bool:
@@ -43,6 +46,11 @@ class KVCache:
     @property
     def batch_size(self) -> int:
         return int(self.start.shape[0])
+
+    @property
+    def per_slot(self) -> bool:
+        """True when every sequence has its own write index (``index [B]``; calls then take one token)."""
+        return self.index.ndim == 1
 
     @property
     def max_len(self) -> int:
@@ -57,8 +65,11 @@ class KVCache:
         *,
         dtype: jnp.dtype = jnp.bfloat16,
         start: jax.Array | None = None,
+        per_slot: bool = False,
     ) -> KVCache:
-        """An empty cache for ``batch_size`` sequences of up to ``max_len`` slots, in ``config``'s layer layout."""
+        """An empty cache for ``batch_size`` sequences of up to ``max_len`` slots, in ``config``'s layer layout.
+
+        ``per_slot``: one write index per sequence (:attr:`per_slot`) instead of one for the batch."""
         t = config.text
         if batch_size <= 0 or max_len <= 0:
             raise InvalidInputError(f"KVCache needs batch_size > 0 and max_len > 0, got {batch_size} and {max_len}")
@@ -78,7 +89,8 @@ class KVCache:
         start = jnp.asarray(start, jnp.int32)
         if start.shape != (batch_size,):
             raise InvalidInputError(f"KVCache start must have shape ({batch_size},), got {start.shape}")
-        return cls(k=k, v=v, start=start, index=jnp.zeros((), jnp.int32))
+        index = jnp.zeros((batch_size,) if per_slot else (), jnp.int32)
+        return cls(k=k, v=v, start=start, index=index)
 
     def layer(self, i: int) -> LayerCache:
         """Layer ``i``'s view: its own buffers (unrolled layout) or the stacked ones and the index ``i``."""
@@ -102,9 +114,11 @@ class LayerCache:
     layer: jax.Array | None = None  # [] int32
 
     def write(self, k: jax.Array, v: jax.Array, index: jax.Array) -> tuple[LayerCache, jax.Array, jax.Array]:
-        """Write the new tokens' ``k, v [B, K, T, H]`` at slot ``index``; returns ``(updated view, this layer's
-        keys, values [B, K, S, H])`` (in the cache dtype)."""
+        """Write the new tokens' ``k, v [B, K, T, H]`` at slot ``index`` (``[]``, or ``[B]``: each row at its own
+        slot); returns ``(updated view, this layer's keys, values [B, K, S, H])`` (in the cache dtype)."""
         zero = jnp.zeros((), jnp.int32)
+        if index.ndim == 1:
+            return self._write_rows(k, v, index)
         if self.layer is None:
             at = (zero, zero, index, zero)
             cache_k = jax.lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), at)
@@ -113,6 +127,23 @@ class LayerCache:
         at = (self.layer, zero, zero, index, zero)
         all_k = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at)
         all_v = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at)
+        keys = jax.lax.dynamic_index_in_dim(all_k, self.layer, keepdims=False)
+        values = jax.lax.dynamic_index_in_dim(all_v, self.layer, keepdims=False)
+        return LayerCache(all_k, all_v, self.layer), keys, values
+
+    def _write_rows(self, k: jax.Array, v: jax.Array, index: jax.Array) -> tuple[LayerCache, jax.Array, jax.Array]:
+        """:meth:`write` with one slot per row (``index [B]``): a scatter of each row's ``T`` tokens."""
+        rows = jnp.arange(k.shape[0])
+        t = k.shape[2]
+        slots = index[:, None] + jnp.arange(t, dtype=index.dtype)[None, :]  # [B, T]
+        new_k = k.transpose(0, 2, 1, 3).astype(self.k.dtype)  # [B, T, K, H]: the scatter's update layout
+        new_v = v.transpose(0, 2, 1, 3).astype(self.v.dtype)
+        if self.layer is None:
+            cache_k = self.k.at[rows[:, None], :, slots].set(new_k, mode="drop")
+            cache_v = self.v.at[rows[:, None], :, slots].set(new_v, mode="drop")
+            return LayerCache(cache_k, cache_v), cache_k, cache_v
+        all_k = self.k.at[self.layer, rows[:, None], :, slots].set(new_k, mode="drop")
+        all_v = self.v.at[self.layer, rows[:, None], :, slots].set(new_v, mode="drop")
         keys = jax.lax.dynamic_index_in_dim(all_k, self.layer, keepdims=False)
         values = jax.lax.dynamic_index_in_dim(all_v, self.layer, keepdims=False)
         return LayerCache(all_k, all_v, self.layer), keys, values
