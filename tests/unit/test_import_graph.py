@@ -26,7 +26,7 @@ LAYERS = [
     ["llama32_jax.models"],
     ["llama32_jax.sharding.apply", "llama32_jax.sharding", "llama32_jax.checkpoint"],
     ["llama32_jax.inference"],
-    ["llama32_jax.api", "llama32_jax.convert"],
+    ["llama32_jax.api", "llama32_jax.convert", "llama32_jax.batch"],  # batch drives an api.Model through the engine
     ["llama32_jax.training"],  # a run's base model is an api.Model; nothing in the library imports training
     ["llama32_jax"],  # the package's own __init__ only
 ]
