@@ -149,6 +149,7 @@ def _jax_runner(variant: str, slots: int, work: list):
             t0 = time.perf_counter()
             for res in engine.run(reqs):
                 done[res.index] = time.perf_counter() - t0
+                _progress(variant, sum(1 for x in tokens if x is not None) + 1, len(work), done[res.index])
                 if res.output is None:
                     raise RuntimeError(f"request {res.index} failed: {res.error}")
                 tokens[res.index] = list(res.output.tokens)
@@ -169,6 +170,7 @@ def _jax_runner(variant: str, slots: int, work: list):
                 module, [work[i][0] for i in idx], max_new_tokens=[work[i][1] for i in idx], stop_ids=[]
             )
             end = time.perf_counter() - t0
+            _progress(variant, c.stop, len(work), end)
             for i, o in zip(idx, outs, strict=True):
                 tokens[i], done[i] = list(o.tokens), end
             prefill += len(idx) * bucket(max(len(work[i][0]) for i in idx))
@@ -176,6 +178,12 @@ def _jax_runner(variant: str, slots: int, work: list):
         return tokens, done, {"prefill_tokens_computed": prefill, "decode_row_steps": slot_steps}
 
     return model.config.name, run
+
+
+def _progress(variant: str, finished: int, total: int, seconds: float) -> None:
+    """A line per 64 finished requests (and at the end) of a long run."""
+    if finished % 64 == 0 or finished == total:
+        print(f"  {variant}: {finished}/{total} requests done at {seconds:.0f} s", flush=True)
 
 
 def _jsonable(v):
@@ -253,6 +261,7 @@ def _hf_runner(slots: int):
                     eos_token_id=None,
                 )
             end = time.perf_counter() - t0
+            _progress("hf", c.stop, len(work), end)
             if out.shape[1] != width + n_new:
                 raise RuntimeError(f"HF generated {out.shape[1] - width} tokens, expected {n_new}")
             for r, i in enumerate(idx):
