@@ -20,6 +20,7 @@ from llama32_jax.checkpoint.orbax_ckpt import is_converted_checkpoint, manifest_
 from llama32_jax.configs.base import ATTENTION_IMPLS, DTYPES, ModelConfig
 from llama32_jax.errors import CheckpointError, InvalidInputError, QuantizationError
 from llama32_jax.inference import guard
+from llama32_jax.inference.continuous import generate_continuous, static_fits
 from llama32_jax.inference.generate import (
     GenerationOutput,
     encode_images,
@@ -136,6 +137,7 @@ class Model:
         return_details: bool = False,
         add_bos: bool | None = None,
         images: Any = None,
+        slots: int | None = None,
     ) -> list[str] | list[Completion]:
         """Generate a continuation for each prompt (text, or token ids used as given).
 
@@ -152,6 +154,10 @@ class Model:
 
         Vision models: ``images`` holds one list of images per prompt (PIL images, uint8 arrays or file paths; a
         prompt may have none), one for each ``<|image|>`` in the prompt, in order.
+
+        Any number of prompts: when there are more than ``slots`` (default: what half the free device memory holds,
+        at most 32 on a CPU), they go through continuous batching (:class:`~llama32_jax.inference.engine.Engine`):
+        ``slots`` run at once and each finished one is refilled. A prompt's output is the same either way.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -172,8 +178,9 @@ class Model:
         check_image_lists(self.config, images, len(prompts), ids)
         batch = self._preprocess_images(images, len(prompts))
         return self._generate_ids(
-            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch
-        )
+            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch,
+            slots,
+        )  # fmt: skip
 
     def chat(
         self,
@@ -188,13 +195,15 @@ class Model:
         logprobs: bool = False,
         stream: Callable[[int, str], None] | None = None,
         return_details: bool = False,
+        slots: int | None = None,
         **format_options: Any,
     ) -> list[str] | list[Completion]:
         """Reply to one dialog (a list of ``{"role", "content"}`` messages) or a batch of dialogs.
 
         Llama checkpoints use Meta's chat format (roles system/user/assistant/ipython; ``system_date=`` adds the
         date-stamped system header); other HF tokenizers use their own chat template, whose variables are the
-        other valid ``format_options``; an unknown option is an error. Returns one reply each.
+        other valid ``format_options``; an unknown option is an error. Returns one reply each. Any number of
+        dialogs: ``slots`` as in :meth:`generate`.
         """
         if isinstance(dialogs, (list, tuple)) and dialogs and isinstance(dialogs[0], dict):
             dialogs = [dialogs]
@@ -214,8 +223,9 @@ class Model:
                 raise InvalidInputError(f"dialog {k}: {e}") from e
         batch = self._preprocess_images(images if any(images) else None, len(dialogs))
         return self._generate_ids(
-            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch
-        )
+            ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, logprobs, stream, return_details, batch,
+            slots,
+        )  # fmt: skip
 
     def moderate(
         self,
@@ -224,6 +234,7 @@ class Model:
         categories: dict[str, str] | None = None,
         excluded_categories: Sequence[str] = (),
         max_new_tokens: int | None = None,
+        slots: int | None = None,
     ):
         """Llama Guard 3: is the last message of ``conversation`` safe? Returns a
         :class:`~llama32_jax.inference.guard.ModerationResult` (``.safe``, ``.categories`` such as ``("S1",)``), or a
@@ -235,7 +246,8 @@ class Model:
         most one image per conversation. ``categories`` replaces the 13 default hazard categories;
         ``excluded_categories`` (e.g. ``["S6"]``) leaves codes out. Decoding is greedy. Raises
         :class:`~llama32_jax.inference.guard.ModerationError` if the model's answer is not a verdict (e.g. the
-        checkpoint is not a guard model). See :mod:`llama32_jax.inference.guard` for the exact prompt.
+        checkpoint is not a guard model). See :mod:`llama32_jax.inference.guard` for the exact prompt. Any number
+        of conversations: ``slots`` as in :meth:`generate`.
         """
         single = isinstance(conversation, (list, tuple)) and bool(conversation) and isinstance(conversation[0], dict)
         conversations = [conversation] if single else conversation
@@ -263,7 +275,7 @@ class Model:
         ids = [self._model_ids(p.token_ids(tokenizer)) for p in prompts]
         batch = self._preprocess_images(images if any(images) else None, len(ids))
         new = guard.DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens
-        outs = self._generate_ids(ids, new, 0.0, 0, 1.0, 0, None, False, None, True, batch)
+        outs = self._generate_ids(ids, new, 0.0, 0, 1.0, 0, None, False, None, True, batch, slots)
         results = []
         for k, (out, prompt) in enumerate(zip(outs, prompts, strict=True)):
             try:
@@ -339,6 +351,7 @@ class Model:
         stream,
         return_details,
         images=None,
+        slots=None,
     ):
         if stop_ids is None:
             stop_ids = list(self.tokenizer.stop_ids) if self.tokenizer is not None else []
@@ -346,20 +359,14 @@ class Model:
         check_bool(return_details, "return_details")
         check_stream(stream, has_tokenizer=self.tokenizer is not None)
         stop_ids = stops_per_sequence(stop_ids, len(ids), self.config.text.vocab_size)
-        on_step = None if stream is None else TextStreamer(self.tokenizer, stream, len(ids), stop_ids)
-        outs = generate_tokens(
-            self.module,
-            ids,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            stop_ids=stop_ids,
-            logprobs=logprobs,
-            on_step=on_step,
-            images=images,
-        )
+        streamer = None if stream is None else TextStreamer(self.tokenizer, stream, len(ids), stop_ids)
+        kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                  stop_ids=stop_ids, logprobs=logprobs, images=images)  # fmt: skip
+        if static_fits(self.module, ids, max_new_tokens, slots):
+            outs = generate_tokens(self.module, ids, on_step=streamer, **kw)
+        else:
+            on_tokens = None if streamer is None else streamer.feed
+            outs = generate_continuous(self.module, ids, slots=slots, on_tokens=on_tokens, **kw)
         completions = [self._completion(o) for o in outs]
         return completions if return_details else [c.text for c in completions]
 

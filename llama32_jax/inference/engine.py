@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -39,6 +38,7 @@ from llama32_jax.inference.generate import (
     encode_images,
     image_tile_mask,
 )
+from llama32_jax.inference.slot_memory import choose_slots
 from llama32_jax.inference.slots import admit, decode_chunk, init_slots
 from llama32_jax.inputs.checks import (
     check_image_counts,
@@ -48,14 +48,8 @@ from llama32_jax.inputs.checks import (
     stop_lists,
     token_row,
 )
-from llama32_jax.inputs.image import preprocess
+from llama32_jax.inputs.image import ImageBatch, preprocess
 from llama32_jax.sharding.distributed import to_host
-
-# Slots chosen from memory are capped here: beyond it a CPU step is compute-bound and only latency grows;
-# accelerators batch far more before that.
-MAX_AUTO_SLOTS = {"cpu": 32, "gpu": 256, "tpu": 256}
-# Share of free device memory the slot caches may take (the rest: prefill temporaries, the decode step's own).
-CACHE_MEMORY_FRACTION = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +57,8 @@ class Request:
     """One generation request: prompt ids and its own sampling settings (see ``generate_tokens``).
 
     ``images`` (vision models): the images of the prompt's image tokens, in order (PIL images, uint8 arrays or
-    paths), or a callable returning them, called when the request is admitted (a request whose images fail to
-    load fails alone)."""
+    paths), a one-row :class:`~llama32_jax.inputs.image.ImageBatch`, or a callable returning either, called when
+    the request is admitted (a request whose images fail to load fails alone)."""
 
     tokens: Sequence[int]
     max_new_tokens: int = 64
@@ -241,26 +235,27 @@ def _spec(r: Any, i: int, config, vocab: int, max_images: int) -> _Spec:
     if not isinstance(r, Request):
         raise InvalidInputError(f"request {i} must be an llama32_jax.inference.engine.Request, got {type(r).__name__}")
     where = f"request {i}"
+    tokens = token_row(r.tokens, f"{where} tokens", input_vocab(config))
     try:
-        tokens = token_row(r.tokens, f"{where} tokens", input_vocab(config))
         (max_new,) = max_new_tokens_list(r.max_new_tokens, 1)
         temps, ks, ps, seeds = sampling_lists(1, vocab, r.temperature, r.top_k, r.top_p, r.seed)
         (stops,) = stop_lists(r.stop_ids, 1, vocab)
     except InvalidInputError as e:
         raise InvalidInputError(f"{where}: {e}") from None
-    if not tokens:
-        raise InvalidInputError(f"{where} has an empty prompt")
     images = r.images
     if images is not None and not config.is_vision:
         raise InvalidInputError(f"{where} has images but {config.name} is a text model")
-    if images is not None and not callable(images):
+    if images is not None and not callable(images) and not isinstance(images, ImageBatch):
         if not isinstance(images, (list, tuple)):
-            raise InvalidInputError(f"{where} images must be a list of images or a callable returning one")
+            raise InvalidInputError(
+                f"{where} images must be a list of images, a one-row ImageBatch or a callable returning either"
+            )
         images = list(images) or None
     if config.is_vision and not callable(images):
-        check_image_counts([tokens], config.image_token_id, [len(images or [])])
-        if images is not None and len(images) > max_images:
-            raise InvalidInputError(f"{where} has {len(images)} images; the engine takes max_images={max_images}")
+        count = len(images.num_tiles[0]) if isinstance(images, ImageBatch) else len(images or [])
+        check_image_counts([tokens], config.image_token_id, [count])
+        if count > max_images:
+            raise InvalidInputError(f"{where} has {count} images; the engine takes max_images={max_images}")
     return _Spec(tokens, max_new, temps[0], ks[0], ps[0], seeds[0], stops, images)
 
 
@@ -296,59 +291,6 @@ def _fit_problem(spec: _Spec, max_len: int) -> str | None:
             f"than the engine's max_len={max_len}; raise max_len or shorten the request"
         )
     return None
-
-
-def free_memory(devices) -> int | None:
-    """Free bytes over ``devices`` (accelerators: their allocator's limit less what is in use; the CPU: the host's
-    available memory), or None when unknown."""
-    total = 0
-    for d in devices:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
-        if not stats or "bytes_limit" not in stats:
-            return _host_available() if d.platform == "cpu" else None
-        total += int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    return total
-
-
-def _host_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):
-        return None
-
-
-def cache_bytes_per_slot(model: nnx.Module, max_len: int) -> int:
-    """Bytes of one slot's self-attention K and V over every layer."""
-    t = model.config.text
-    itemsize = jnp.dtype(model.embed.embedding.dtype).itemsize
-    return 2 * t.n_layers * t.n_kv_heads * max_len * t.head_dim * itemsize
-
-
-def choose_slots(model: nnx.Module, max_len: int, n_requests: int, extra_bytes_per_slot: int = 0) -> int:
-    """Slots for a run: what :data:`CACHE_MEMORY_FRACTION` of the free memory holds, capped by
-    :data:`MAX_AUTO_SLOTS` and by the requests, as a multiple of the plan's data shards."""
-    placement = getattr(model, "placement", None)
-    devices = list(placement.mesh.devices.flat) if placement is not None else jax.devices()[:1]
-    shards = placement.plan.batch_shards if placement is not None else 1
-    per_slot = cache_bytes_per_slot(model, max_len) + extra_bytes_per_slot
-    cap = MAX_AUTO_SLOTS.get(devices[0].platform, MAX_AUTO_SLOTS["gpu"])
-    free = free_memory(devices)
-    if free is not None:
-        cap = min(cap, int(free * CACHE_MEMORY_FRACTION) // per_slot)
-    if cap < 1:
-        raise InvalidInputError(
-            f"one slot of {per_slot / 2**30:.2f} GiB (max_len={max_len}) does not fit in half the free device memory "
-            f"({(free or 0) / 2**30:.2f} GiB); lower max_len or pass slots= explicitly"
-        )
-    n = min(cap, n_requests)
-    return max(shards, -(-n // shards) * shards if n >= shards else shards)
 
 
 class _Run:
@@ -479,28 +421,40 @@ class _Run:
             max_new=jnp.asarray([s.max_new if s else 1 for s in specs], jnp.int32),
         )
 
-    def _load_images(self, i: int) -> list:
+    def _load_images(self, i: int) -> ImageBatch | None:
+        """Request ``i``'s images, preprocessed (one row), or None (no image after all)."""
         spec = self.specs[i]
         images = spec.images() if callable(spec.images) else spec.images
-        if not isinstance(images, (list, tuple)):
-            raise InvalidInputError(f"its images callable returned {type(images).__name__}, not a list of images")
-        check_image_counts([spec.tokens], self.config.image_token_id, [len(images)])
-        if len(images) > self.engine.max_images:
-            raise InvalidInputError(f"{len(images)} images; the engine takes max_images={self.engine.max_images}")
-        return list(images)
+        if isinstance(images, ImageBatch):
+            batch, count = images, len(images.num_tiles[0])
+        elif isinstance(images, (list, tuple)):
+            count = len(images)
+            if count > self.engine.max_images:
+                raise InvalidInputError(f"{count} images; the engine takes max_images={self.engine.max_images}")
+            batch = preprocess([list(images)], self.config.vision) if count else None
+        else:
+            raise InvalidInputError(f"its images are a {type(images).__name__}, not a list of images")
+        check_image_counts([spec.tokens], self.config.image_token_id, [count])
+        return batch
 
     def _encode(self, group: list[int], images: dict, rows: int):
-        """The group's cross-attention inputs (vision tower + every block's K/V), padded to ``max_images`` images
-        and ``rows`` rows, with tile-mask rows for every cache slot."""
+        """The group's cross-attention inputs (vision tower + every block's K/V) for ``rows`` rows of
+        ``max_images`` images (padding: zero pixels that no token sees), with tile-mask rows for every cache slot."""
         v = self.config.vision
-        per = [images[i] for i in group] + [[] for _ in range(rows - len(group))]
-        batch = preprocess(per, v, max_images=self.engine.max_images)
+        n_img, tiles, size = self.engine.max_images, v.max_num_tiles, v.image_size
+        pixels = np.zeros((rows, n_img, tiles, 3, size, size), np.float32)
+        ratio_ids = np.zeros((rows, n_img), np.int32)
+        num_tiles: list[list[int]] = [[] for _ in range(rows)]
+        for r, i in enumerate(group):
+            batch = images[i]
+            if batch is not None:
+                k = batch.pixel_values.shape[1]
+                pixels[r, :k] = batch.pixel_values[0]
+                ratio_ids[r, :k] = batch.aspect_ratio_ids[0]
+                num_tiles[r] = list(batch.num_tiles[0])
         prompts = [self.specs[i].tokens for i in group] + [[0]] * (rows - len(group))
-        mask = image_tile_mask(self.config, prompts, batch, self.max_len)
-        pad = self.engine.max_images - batch.pixel_values.shape[1]
-        pixels = np.pad(batch.pixel_values, ((0, 0), (0, pad)) + ((0, 0),) * 4)
-        ratio_ids = np.pad(batch.aspect_ratio_ids, ((0, 0), (0, pad)))
-        mask = np.pad(mask, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        padded = ImageBatch(pixels, ratio_ids, np.ones((rows, n_img, tiles), np.int32), num_tiles)
+        mask = image_tile_mask(self.config, prompts, padded, self.max_len)
         return encode_images(
             self.graphdef, self.state, jnp.asarray(pixels, self.cache_dtype), jnp.asarray(ratio_ids),
             jnp.asarray(mask),

@@ -23,16 +23,27 @@ class TextStreamer:
         self.finished = [False] * n
 
     def __call__(self, step: int, tokens: np.ndarray, done: np.ndarray) -> None:
+        """One step of a static batch: ``tokens [n]``, ``done [n]`` (rows that had already stopped)."""
         for i, (tok, was_done) in enumerate(zip(tokens.tolist(), done.tolist(), strict=True)):
-            if was_done or self.finished[i]:
-                continue
+            if not was_done:
+                self.feed(i, [tok])
+
+    def feed(self, i: int, tokens: list[int]) -> None:
+        """Prompt ``i``'s next tokens (the continuous-batching engine streams them in bursts)."""
+        new = []
+        for tok in tokens:
+            if self.finished[i]:
+                break
             if tok in self.stops[i]:
                 self.finished[i] = True
-                continue
-            self.tokens[i].append(tok)
-            text = self.tokenizer.decode(self.tokens[i])
-            if text.endswith("\ufffd"):
-                continue  # a multi-byte character is not complete yet
-            delta, self.sent[i] = text[len(self.sent[i]) :], text
-            if delta:
-                self.callback(i, delta)
+                break
+            new.append(tok)
+        if not new:
+            return
+        self.tokens[i] += new
+        text = self.tokenizer.decode(self.tokens[i])
+        if text.endswith("\ufffd"):
+            return  # a multi-byte character is not complete yet
+        delta, self.sent[i] = text[len(self.sent[i]) :], text
+        if delta:
+            self.callback(i, delta)

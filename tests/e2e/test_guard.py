@@ -193,3 +193,5 @@ def test_moderation_verdicts_from_a_wired_model(tok, answer, safe, codes):
     assert result.names == (("Non-Violent Crimes.",) if codes else ())
     batch = guard.moderate([conversation, conversation[:1]])  # a batch: one result per conversation
     assert [(r.safe, r.role) for r in batch] == [(safe, "Agent"), (safe, "User")]
+    many = guard.moderate([conversation, conversation[:1]] * 3, slots=2)  # more than the slots: the Engine
+    assert [(r.safe, r.categories, r.role) for r in many] == [(r.safe, r.categories, r.role) for r in batch] * 3

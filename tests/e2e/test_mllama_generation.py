@@ -142,3 +142,30 @@ def test_text_prompt_marks_images_with_the_image_string(ours):
     assert ids == [tok.bos_id, CFG.image_token_id, *tok.encode("Describe this photo:", bos=False)]
     plain = api._encode_prompt("<|image|>Describe", 0, None)
     assert CFG.image_token_id not in plain and tok.image_id not in plain
+
+
+def test_continuous_batching_keeps_each_slots_images(ours, hf_model, images):
+    """More requests than slots (the ``Engine``): each slot holds its own image K/V and tile-mask rows. Image
+    requests generate what HF does for them; the text-only one what it does alone; a request whose image fails to
+    load fails alone and the run goes on."""
+    from llama32_jax.inference.engine import Engine, Request
+
+    align_hf_intermediate_layers(hf_model)
+    hf_model.generation_config.eos_token_id = None
+    batch = preprocess(images, CFG.vision)
+    text_only = [3, 8, 21, 7, 7, 100, 12]
+    api = Model(ours)
+    prompts = [PROMPTS[0], text_only, PROMPTS[1], PROMPTS[0]]
+    imgs = [images[0], [], images[1], images[0]]
+    got = api.generate(prompts, images=imgs, max_new_tokens=NEW, return_details=True, slots=2)
+    for k, b in ((0, 0), (2, 1), (3, 0)):
+        assert got[k].tokens == _hf_greedy(hf_model, PROMPTS[b], batch, b), f"request {k}"
+    assert got[1].tokens == generate_tokens(ours, [text_only], max_new_tokens=NEW)[0].tokens
+
+    def unreadable():
+        raise OSError("cannot read cat.jpg")
+
+    requests = [Request(PROMPTS[0], NEW, images=unreadable), Request(PROMPTS[1], NEW, images=lambda: images[1])]
+    results = {r.index: r for r in Engine(ours, slots=1).run(requests, errors="result")}
+    assert not results[0].ok and "cannot read cat.jpg" in results[0].error
+    assert results[1].output.tokens == _hf_greedy(hf_model, PROMPTS[1], batch, 1)

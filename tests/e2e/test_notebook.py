@@ -23,6 +23,7 @@ def test_batch_inference_notebook_runs(tmp_path):
     client.execute()
     outputs = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "batch invariance holds" in outputs
+    assert "300 rows" in outputs and "continuous batching equals each row alone" in outputs
     assert "int8 weights:" in outputs and "greedy tokens shared with the float model" in outputs
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
