@@ -28,6 +28,9 @@ _IDS = flags.DEFINE_string("prompt_ids", None, "JSON list of token-id prompts")
 _NEW = flags.DEFINE_integer("max_new_tokens", 16, "tokens to generate per prompt")
 _DTYPE = flags.DEFINE_string("dtype", "bfloat16", "parameter dtype")
 _OUT = flags.DEFINE_string("out", None, "write the result here as JSON (process 0 only)")
+_SLOTS = flags.DEFINE_integer(
+    "slots", None, "also generate through continuous batching with this many slots (reported as engine_outputs)"
+)
 
 
 def main(argv):
@@ -51,6 +54,11 @@ def main(argv):
             "plan": _PLAN.value,
             "outputs": [{"text": o.text, "tokens": o.tokens} for o in outs],
         }
+    if _SLOTS.value:  # every process runs the same schedule; the slots are split over the plan's data axes
+        engine_outs = model.generate(prompts, max_new_tokens=_NEW.value, return_details=True, slots=_SLOTS.value)
+        if distributed.is_primary():
+            result["engine_outputs"] = [{"text": o.text, "tokens": o.tokens} for o in engine_outs]
+    if distributed.is_primary():
         if _OUT.value:
             with open(_OUT.value, "w") as f:
                 json.dump(result, f)

@@ -6,7 +6,9 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from llama32_jax.errors import InvalidInputError
 
@@ -18,15 +20,21 @@ CACHE_MEMORY_FRACTION = 0.5
 
 
 def free_memory(devices) -> int | None:
-    """Free bytes over ``devices`` (accelerators: their allocator's limit less what is in use; the CPU: the host's
-    available memory), or None when unknown."""
-    total = 0
-    for d in devices:
-        stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+    """Free bytes over ``devices`` (accelerators: the smallest allocator headroom among this process's devices,
+    times their number, since a sharded cache splits evenly; the CPU: the host's available memory per process), or
+    None when unknown."""
+    local = [d for d in devices if d.process_index == jax.process_index()] or list(devices)
+    processes = len({d.process_index for d in devices})
+    if local[0].platform == "cpu":
+        host = _host_available()
+        return None if host is None else host * processes
+    frees = []
+    for d in local:
+        stats = d.memory_stats()
         if not stats or "bytes_limit" not in stats:
-            return _host_available() if d.platform == "cpu" else None
-        total += int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-    return total
+            return None
+        frees.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    return min(frees) * len(devices)
 
 
 def _host_available() -> int | None:
@@ -61,10 +69,14 @@ def choose_slots(model: nnx.Module, max_len: int, n_requests: int, extra_bytes_p
     free = free_memory(devices)
     if free is not None:
         cap = min(cap, int(free * CACHE_MEMORY_FRACTION) // per_slot)
-    if cap < 1:
+    if jax.process_count() > 1:  # every process must run the same schedule: agree on the smallest estimate
+        cap = int(np.min(multihost_utils.process_allgather(np.asarray(cap, np.int64))))
+    wanted = -(-n_requests // shards) * shards  # enough for every request, whole slots per data shard
+    slots = min(cap, wanted) // shards * shards
+    if slots < 1:
         raise InvalidInputError(
-            f"one slot of {per_slot / 2**30:.2f} GiB (max_len={max_len}) does not fit in half the free device memory "
-            f"({(free or 0) / 2**30:.2f} GiB); lower max_len or pass slots= explicitly"
+            f"{shards} slot(s) of {per_slot / 2**30:.2f} GiB (max_len={max_len}; one per data shard) do not fit in "
+            f"{CACHE_MEMORY_FRACTION:.0%} of the free device memory ({(free or 0) / 2**30:.2f} GiB); lower max_len or "
+            "pass slots= explicitly"
         )
-    n = min(cap, n_requests)
-    return max(shards, -(-n // shards) * shards if n >= shards else shards)
+    return slots

@@ -1,6 +1,7 @@
 """Two CPU processes x 4 devices on localhost (``jax.distributed``, gloo collectives): each restores its shards of
 a converted checkpoint under the 2 x 4 ``fsdp_tp`` plan (the ``fsdp`` axis spans the two processes), generates,
-and only process 0 reports. The tokens equal a single-process, unsharded run of the same checkpoint.
+and only process 0 reports. The tokens equal a single-process, unsharded run of the same checkpoint, from one
+static batch and from continuous batching over two slots (one per process).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ def test_two_processes_generate_once(checkpoint, tmp_path):
             sys.executable, "-m", "experiments.multihost_generate", f"--coordinator=localhost:{port}",
             "--num_processes=2", f"--process_id={pid}", f"--checkpoint={checkpoint}", "--plan=fsdp_tp",
             f"--prompt_ids={json.dumps(PROMPTS)}", f"--max_new_tokens={NEW}", "--dtype=float32", f"--out={out}",
+            "--slots=2",  # 4 prompts > 2 slots: continuous batching too, one slot per fsdp (cross-process) shard
         ]  # fmt: skip
         log = open(tmp_path / f"p{pid}.log", "w")
         procs.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log))
@@ -73,6 +75,7 @@ def test_two_processes_generate_once(checkpoint, tmp_path):
     result = json.loads(out.read_text())
     assert result["processes"] == 2 and result["devices"] == 8
     assert [o["tokens"] for o in result["outputs"]] == [r.tokens for r in reference]
+    assert [o["tokens"] for o in result["engine_outputs"]] == [r.tokens for r in reference]
     # Reported once: process 0 printed the result, process 1 did not.
     assert '"outputs"' in logs[0] and '"outputs"' not in logs[1]
     assert np.all([len(o["tokens"]) == NEW for o in result["outputs"]])

@@ -15,6 +15,7 @@ from flax import nnx
 
 from llama32_jax.configs import TINY_TEXT
 from llama32_jax.errors import InvalidInputError
+from llama32_jax.inference import slot_memory
 from llama32_jax.inference import slots as slot_ops
 from llama32_jax.inference.continuous import generate_continuous, static_fits
 from llama32_jax.inference.engine import Engine, Request, width_bucket
@@ -187,3 +188,17 @@ def test_width_buckets():
     assert [width_bucket(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 97, 1500, 1537)] == [
         16, 16, 24, 24, 32, 48, 48, 64, 128, 1536, 2048,
     ]  # fmt: skip
+
+
+def test_slots_chosen_from_free_memory(model, monkeypatch):
+    t = TINY_TEXT.text
+    per_slot = 2 * t.n_layers * t.n_kv_heads * 64 * t.head_dim * 4  # K and V, every layer, 64 positions, fp32
+    assert slot_memory.cache_bytes_per_slot(model, 64) == per_slot
+    monkeypatch.setattr(slot_memory, "free_memory", lambda devices: 10 * per_slot)  # half of it: 5 slots
+    assert slot_memory.choose_slots(model, 64, n_requests=100) == 5
+    assert slot_memory.choose_slots(model, 64, n_requests=3) == 3  # never more than the run has requests
+    monkeypatch.setattr(slot_memory, "free_memory", lambda devices: None)  # unknown: the platform's cap
+    assert slot_memory.choose_slots(model, 64, n_requests=1000) == slot_memory.MAX_AUTO_SLOTS["cpu"]
+    monkeypatch.setattr(slot_memory, "free_memory", lambda devices: per_slot)  # half a slot
+    with pytest.raises(InvalidInputError, match="do not fit"):
+        slot_memory.choose_slots(model, 64, n_requests=4)
