@@ -316,7 +316,7 @@ class _Run:
             self.graphdef, self.state, cross, slots=self.slots, max_len=self.max_len, n_stops=self.n_stops,
             cache_dtype=self.cache_dtype,
         )  # fmt: skip
-        waiting = collections.deque(sorted(self.specs))
+        waiting = _Waiting(sorted(self.specs), self._key)
         free = list(range(self.slots))
         busy: dict[int, _Slot] = {}
         while waiting or busy:
@@ -350,15 +350,11 @@ class _Run:
                     yield self._result(slot)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _admit(self, waiting: collections.deque, free: list, busy: dict) -> Iterator[RequestResult]:
+    def _admit(self, waiting: _Waiting, free: list, busy: dict) -> Iterator[RequestResult]:
         """Prefill one group of waiting requests (the oldest one's bucket) into free slots."""
-        first = self.specs[waiting[0]]
-        key = (_width(first, self.max_len), first.images is not None)
-        cap = max(1, self.engine.prefill_tokens // key[0])
-        cap = min(cap, len(free))
-        group = [i for i in waiting if self._key(i) == key][:cap]
-        for i in group:
-            waiting.remove(i)
+        key = waiting.oldest_key()
+        cap = min(max(1, self.engine.prefill_tokens // key[0]), len(free))
+        group = waiting.take(key, cap)
         images = {}
         if key[1]:
             for i in list(group):
@@ -486,6 +482,35 @@ class _Run:
             prompt_length=len(spec.tokens),
         )
         return RequestResult(slot.request, out)
+
+
+class _Waiting:
+    """The waiting requests, in arrival order and queued per bucket key: the oldest one's key, and the next
+    requests of a key, in constant time (a long run admits thousands of groups)."""
+
+    def __init__(self, order: list[int], key_of: Callable[[int], tuple]):
+        self.key_of = key_of
+        self.order = collections.deque(order)
+        self.by_key: dict[tuple, collections.deque] = collections.defaultdict(collections.deque)
+        for i in order:
+            self.by_key[key_of(i)].append(i)
+        self.taken: set[int] = set()
+        self.count = len(order)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def oldest_key(self) -> tuple:
+        while self.order[0] in self.taken:  # admitted earlier with an older request of its bucket
+            self.taken.discard(self.order.popleft())
+        return self.key_of(self.order[0])
+
+    def take(self, key: tuple, n: int) -> list[int]:
+        queue = self.by_key[key]
+        out = [queue.popleft() for _ in range(min(n, len(queue)))]
+        self.taken.update(out)
+        self.count -= len(out)
+        return out
 
 
 def _row_bucket(n: int, shards: int) -> int:
