@@ -403,19 +403,11 @@ class _Run:
 
     def _sampling(self, group: list[int], rows: int) -> SamplingState:
         specs = [self.specs[i] for i in group] + [None] * (rows - len(group))
-        stop_arr = np.full((rows, self.n_stops), -1, np.int32)
-        for r, s in enumerate(specs):
-            if s is not None:
-                stop_arr[r, : len(s.stops)] = s.stops
-        seeds = [s.seed if s else 0 for s in specs]
-        return SamplingState(
-            temperature=jnp.asarray([s.temperature if s else 0.0 for s in specs], jnp.float32),
-            top_k=jnp.asarray([s.top_k if s else 0 for s in specs], jnp.int32),
-            top_p=jnp.asarray([s.top_p if s else 1.0 for s in specs], jnp.float32),
-            keys=jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]),
-            stop_ids=jnp.asarray(stop_arr),
-            max_new=jnp.asarray([s.max_new if s else 1 for s in specs], jnp.int32),
-        )
+        return SamplingState.build(
+            [s.temperature if s else 0.0 for s in specs], [s.top_k if s else 0 for s in specs],
+            [s.top_p if s else 1.0 for s in specs], [s.seed if s else 0 for s in specs],
+            [s.stops if s else [] for s in specs], [s.max_new if s else 1 for s in specs], self.n_stops,
+        )  # fmt: skip
 
     def _load_images(self, i: int) -> ImageBatch | None:
         """Request ``i``'s images, preprocessed (one row), or None (no image after all)."""

@@ -64,6 +64,23 @@ class SamplingState:
     stop_ids: jax.Array  # [B, M] int32, -1 padded
     max_new: jax.Array  # [B] int32
 
+    @classmethod
+    def build(cls, temps, ks, ps, seeds, stops, max_new, n_stops: int | None = None) -> SamplingState:
+        """Device arrays of per-row values (checked lists); ``stops`` padded with -1 to ``n_stops`` columns (default:
+        the longest list, at least 1)."""
+        m = n_stops or max(1, max(len(s) for s in stops))
+        stop_arr = np.full((len(stops), m), -1, np.int32)
+        for i, s in enumerate(stops):
+            stop_arr[i, : len(s)] = s
+        return cls(
+            temperature=jnp.asarray(temps, jnp.float32),
+            top_k=jnp.asarray(ks, jnp.int32),
+            top_p=jnp.asarray(ps, jnp.float32),
+            keys=jnp.stack([jax.random.PRNGKey(seed) for seed in seeds]),
+            stop_ids=jnp.asarray(stop_arr),
+            max_new=jnp.asarray(max_new, jnp.int32),
+        )
+
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """Round ``n`` up to a bucket: ``minimum``, or a multiple of ``2**(floor(log2 n) - 3)``.
@@ -261,18 +278,7 @@ def generate_tokens(
     for i, p in enumerate(prompts):
         tokens[i, width - len(p) :] = np.asarray(p, np.int32)
     start = np.asarray([width - length for length in lengths], np.int32)
-    m = max(1, max(len(s) for s in stops))
-    stop_arr = np.full((n, m), -1, np.int32)
-    for i, s in enumerate(stops):
-        stop_arr[i, : len(s)] = s
-    state_s = SamplingState(
-        temperature=jnp.asarray(temps, jnp.float32),
-        top_k=jnp.asarray(ks, jnp.int32),
-        top_p=jnp.asarray(ps, jnp.float32),
-        keys=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
-        stop_ids=jnp.asarray(stop_arr),
-        max_new=jnp.asarray(max_new, jnp.int32),
-    )
+    state_s = SamplingState.build(temps, ks, ps, seeds, stops, max_new)
     graphdef, state = nnx.split(model)
     cache_dtype = jnp.dtype(model.embed.embedding.dtype)
     cross = None
